@@ -1,0 +1,76 @@
+"""Named LALIC configurations (a small registry in the spirit of timm's model configs)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)
+"""MSE rate-distortion trade-offs of the paper's six quality levels q1..q6."""
+
+
+@dataclass(frozen=True)
+class LalicConfig:
+    """Every size of the network; see ``../shared/notes/lalic-architecture.md`` for the paper's."""
+
+    name: str
+    widths: tuple[int, ...] = (96, 144, 256)
+    depths: tuple[int, ...] = (2, 4, 6)
+    latent: int = 320
+    hyper_width: int = 256
+    hyper_depth: int = 6
+    hyper_latent: int = 192
+    slices: tuple[int, ...] = (16, 16, 32, 64, 192)
+    ctx_width: int = 320
+    ctx_depth: int = 2
+    ctx_ratio: int = 8
+    param_min_width: int = 256
+    variable_rate: bool = True
+    lambdas: tuple[float, ...] = field(default=LAMBDAS)
+
+    def __post_init__(self) -> None:
+        if sum(self.slices) != self.latent:
+            raise ValueError(f"slices {self.slices} must sum to the latent width {self.latent}")
+        if len(self.widths) != len(self.depths):
+            raise ValueError("widths and depths must have the same length")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LalicConfig:
+        d = dict(d)
+        for key in ("widths", "depths", "slices", "lambdas"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+CONFIGS: dict[str, LalicConfig] = {
+    # The paper's model (fixed rate: one lambda per weight file).
+    "lalic": LalicConfig(name="lalic", variable_rate=False),
+    # CPU-sized, variable-rate: what we train and ship.
+    "lalic-s": LalicConfig(
+        name="lalic-s",
+        widths=(48, 72, 128),
+        depths=(1, 1, 2),
+        latent=160,
+        hyper_width=128,
+        hyper_depth=1,
+        hyper_latent=96,
+        slices=(16, 16, 32, 32, 64),
+        ctx_width=96,
+        ctx_depth=1,
+        ctx_ratio=2,
+        param_min_width=96,
+        variable_rate=True,
+    ),
+}
+
+
+def get_config(name: str, **overrides) -> LalicConfig:
+    """The named configuration, optionally with fields replaced."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown config {name!r}; known: {sorted(CONFIGS)}")
+    base = CONFIGS[name].to_dict()
+    base.update(overrides)
+    return LalicConfig.from_dict(base)

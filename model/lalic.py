@@ -1,0 +1,96 @@
+"""The LALIC network (Feng et al., CVPR 2025, Fig. 2) with optional variable-rate gains.
+
+Variable rate follows "Asymmetric Gained Deep Image Compression" (Cui et al., CVPR 2021): a
+learned gain vector per quality scales y before quantisation and a separate inverse gain
+rescales y_hat before g_s; a fractional quality interpolates neighbouring gains geometrically
+(Cui et al., Eq. 7), which gives continuous rate control from one set of weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.configs import LalicConfig
+from model.context import ContextModel
+from model.entropy import FactorizedPrior, GaussianConditional
+from model.layers import reparameterize
+from model.transforms import analysis_transform, hyper_analysis, hyper_synthesis, synthesis_transform
+
+PAD_MULTIPLE = 64
+"""Inputs are padded to a multiple of 64 (the total stride of g_a then h_a)."""
+
+
+class LALIC(nn.Module):
+    def __init__(self, config: LalicConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.g_a = analysis_transform(c.widths, c.depths, c.latent)
+        self.g_s = synthesis_transform(c.widths, c.depths, c.latent)
+        self.h_a = hyper_analysis(c.latent, c.hyper_width, c.hyper_depth, c.hyper_latent)
+        self.h_s = hyper_synthesis(c.hyper_latent, c.hyper_width, c.hyper_depth, c.latent)
+        self.entropy_bottleneck = FactorizedPrior(c.hyper_latent)
+        self.gaussian = GaussianConditional()
+        self.context = ContextModel(
+            c.slices, c.latent, c.ctx_width, c.ctx_depth, c.ctx_ratio, c.param_min_width
+        )
+        if c.variable_rate:
+            levels = len(c.lambdas)
+            init = torch.linspace(-1.2, 1.2, levels)[:, None].repeat(1, c.latent)
+            self.log_gain = nn.Parameter(init.clone())
+            self.log_inverse_gain = nn.Parameter(-init.clone())
+
+    @property
+    def qualities(self) -> tuple[float, ...]:
+        return tuple(float(q) for q in range(1, len(self.config.lambdas) + 1))
+
+    def _gain(self, table: Tensor, quality: Tensor) -> Tensor:
+        """Geometric interpolation of the per-quality gains; quality (B,) floats in [1, levels]."""
+        q = quality.to(table.dtype).clamp(1, table.shape[0]) - 1
+        low = q.floor().long().clamp_max(table.shape[0] - 2)
+        frac = (q - low)[:, None]
+        log_gain = (1 - frac) * table[low] + frac * table[low + 1]
+        return torch.exp(log_gain)[:, :, None, None]
+
+    def gain(self, quality: Tensor) -> Tensor | None:
+        return self._gain(self.log_gain, quality) if self.config.variable_rate else None
+
+    def inverse_gain(self, quality: Tensor) -> Tensor | None:
+        return self._gain(self.log_inverse_gain, quality) if self.config.variable_rate else None
+
+    # Stages (used by the codec; each maps tensors to tensors and can be exported).
+    def analysis(self, x: Tensor, quality: Tensor) -> Tensor:
+        y = self.g_a(x)
+        gain = self.gain(quality)
+        return y * gain if gain is not None else y
+
+    def synthesis(self, y_hat: Tensor, quality: Tensor) -> Tensor:
+        inv = self.inverse_gain(quality)
+        return self.g_s(y_hat * inv if inv is not None else y_hat)
+
+    def forward(self, x: Tensor, quality: Tensor | None = None) -> dict:
+        """Training forward: reconstruction and likelihoods of y and z (x in [0, 1], padded)."""
+        if quality is None:
+            quality = torch.full((x.shape[0],), float(len(self.config.lambdas)), device=x.device)
+        y = self.analysis(x, quality)
+        z = self.h_a(y)
+        z_hat, z_likelihoods = self.entropy_bottleneck(z)
+        hyper = self.h_s(z_hat)
+        y_hat, y_likelihoods = self.context(y, hyper)
+        x_hat = self.synthesis(y_hat, quality)
+        return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+
+    def aux_loss(self) -> Tensor:
+        return self.entropy_bottleneck.aux_loss()
+
+    def update(self) -> None:
+        """Build the integer CDF tables of both entropy models (after training, before coding)."""
+        self.entropy_bottleneck.update()
+        self.gaussian.update()
+
+    def prepare_for_inference(self) -> LALIC:
+        """Eval mode, Omni-Shift folded into single 5x5 kernels (idempotent)."""
+        self.eval()
+        reparameterize(self)
+        return self

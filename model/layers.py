@@ -1,0 +1,255 @@
+"""Building blocks of LALIC: BiWKV linear attention, Omni-Shift and the Bi-RWKV block.
+
+Tensors inside the transforms are kept as token sequences ``(B, T, C)`` in raster order
+(``T = H * W``), which is the memory layout of a channels-last ``(B, C, H, W)`` map. The
+helpers :func:`tokens_to_map` and :func:`map_to_tokens` switch views without copying.
+
+References are to "Linear Attention Modeling for Learned Image Compression" (Feng et al.,
+CVPR 2025, arXiv 2502.05741), Sec. 3.2 (Bi-RWKV block), Eq. (2)-(4) (Spatial Mix, BiWKV,
+Channel Mix), and Vision-RWKV (Duan et al., 2024) for Omni-Shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CHUNK = 64
+"""Tokens per chunk in :func:`biwkv`."""
+
+
+def tokens_to_map(x: Tensor, height: int, width: int) -> Tensor:
+    """``(B, T, C)`` tokens -> ``(B, C, H, W)`` map in channels-last memory (a view)."""
+    b, _, c = x.shape
+    return x.view(b, height, width, c).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` map -> ``(B, T, C)`` tokens (a view when ``x`` is channels-last)."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def _decay_matrix(w: Tensor, u: Tensor, size: int) -> Tensor:
+    """Per-channel ``(C, L, L)`` kernel ``e^{-(|t-i|-1) w}`` off the diagonal and ``e^{u}`` on it."""
+    idx = torch.arange(size, device=w.device, dtype=w.dtype)
+    dist = (idx[:, None] - idx[None, :]).abs()
+    off = torch.exp(-(dist - 1.0)[None] * w[:, None, None])
+    eye = torch.eye(size, device=w.device, dtype=torch.bool)
+    return torch.where(eye[None], torch.exp(u)[:, None, None], off)
+
+
+def _exclusive_logcumsumexp(x: Tensor, reverse: bool) -> Tensor:
+    """``log sum_{j<i} e^{x_j}`` along the last dim (``j>i`` when ``reverse``); ``-inf`` when empty."""
+    if reverse:
+        x = x.flip(-1)
+    inclusive = torch.logcumsumexp(x, dim=-1)
+    pad = torch.full_like(inclusive[..., :1], float("-inf"))
+    out = torch.cat([pad, inclusive[..., :-1]], dim=-1)
+    return out.flip(-1) if reverse else out
+
+
+def biwkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = CHUNK) -> Tensor:
+    """Bidirectional WKV (paper Eq. 3), exactly, in O(T·C) time and float32-safe.
+
+    ``wkv_t = (sum_{i!=t} e^{-(|t-i|-1) w + k_i} v_i + e^{u + k_t} v_t)
+             / (sum_{i!=t} e^{-(|t-i|-1) w + k_i} + e^{u + k_t})``
+
+    Args:
+        w, u: per-channel decay and bonus, shape ``(C,)``, already divided by ``T``.
+        k, v: ``(B, C, T)``.
+
+    The sequence is cut into chunks of ``chunk`` tokens. Inside a chunk the sum is one batched
+    matrix product with the ``(L, L)`` decay kernel, on ``e^{k - m}`` where ``m`` is the chunk's
+    maximum of ``k``. Contributions from other chunks are carried as chunk summaries whose
+    logarithms are accumulated with ``logcumsumexp``, so neither large ``|k|`` spreads nor long
+    sequences overflow or underflow. Because the output is a convex combination of ``v``,
+    ``v`` is shifted to be positive (``wkv(v + s) = wkv(v) + s``), which keeps every summary
+    positive and its logarithm finite. Shifts are detached: the result does not depend on them.
+    """
+    b, c, t = k.shape
+    chunk = min(chunk, t)  # keeps every in-chunk distance times |w| below |decay|
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    v_min = v.detach().amin(dim=-1, keepdim=True)
+    v_span = (v.detach().amax(dim=-1, keepdim=True) - v_min).clamp_min(1e-6)
+    shift = v_min - v_span  # v - shift lies in [span, 2 span]
+    v = v - shift
+    if pad:
+        k = F.pad(k, (0, pad), value=-1e4)
+        v = F.pad(v, (0, pad))
+    k = k.reshape(b, c, n_chunks, chunk)
+    v = v.reshape(b, c, n_chunks, chunk)
+    m = k.detach().amax(dim=-1, keepdim=True)  # (B, C, n, 1)
+    ek = torch.exp(k - m)
+    both = torch.cat([ek * v, ek], dim=2)  # (B, C, 2n, L): numerator and denominator rows
+
+    intra = torch.matmul(both, _decay_matrix(w, u, chunk))  # the kernel is symmetric
+    pos = torch.arange(chunk, device=k.device, dtype=k.dtype)
+    # Chunk summaries, decayed to the chunk's last token (for later chunks) and first token.
+    to_end = torch.exp(-(chunk - 1 - pos)[None] * w[:, None])  # (C, L)
+    to_start = torch.exp(-pos[None] * w[:, None])
+    summ = torch.matmul(both, torch.stack([to_end, to_start], dim=-1))  # (B, C, 2n, 2)
+
+    # The carry path works on (B, C, n) tensors only, so it runs in float64: exponents of
+    # magnitude ~|k| would otherwise lose ~|k| * 6e-8 of relative precision per weight.
+    w64 = w.double()[:, None]
+    lw = chunk * w64  # decay across one whole chunk
+    idx = torch.arange(n_chunks, device=k.device, dtype=torch.float64)
+    m64 = m[..., 0].double()  # (B, C, n)
+    log_s = torch.log(summ.double()).view(b, c, 2, n_chunks, 2)
+    # forward carry into chunk c: sum_{c'<c} e^{m_c'} S_c' e^{-(c-c'-1) L w}; backward likewise
+    alpha_f = m64[:, :, None] + log_s[..., 0] + idx * lw[:, None]
+    alpha_b = m64[:, :, None] + log_s[..., 1] - idx * lw[:, None]
+    carry_f = _exclusive_logcumsumexp(alpha_f, reverse=False) - (idx - 1) * lw[:, None]
+    carry_b = _exclusive_logcumsumexp(alpha_b, reverse=True) + (idx + 1) * lw[:, None]
+    ref = torch.maximum(m64, torch.maximum(carry_f[:, :, 1], carry_b[:, :, 1])).detach()[:, :, None]
+    scale_local = torch.exp(m64[:, :, None] - ref).to(k.dtype)[..., None]  # (B, C, 1, n, 1)
+    scale_f = torch.exp(carry_f - ref).to(k.dtype)  # (B, C, 2, n)
+    scale_b = torch.exp(carry_b - ref).to(k.dtype)
+
+    # Everything from other chunks is rank 2 per chunk: [scale_f, scale_b] @ [e^{-a w}; e^{-(L-1-a) w}].
+    carries = torch.stack([scale_f, scale_b], dim=-1).view(b, c, 2 * n_chunks, 2)
+    profiles = torch.stack([to_start, to_end], dim=1)  # (C, 2, L)
+    total = torch.matmul(carries, profiles)  # (B, C, 2n, L)
+    scale_local = scale_local.expand(b, c, 2, n_chunks, 1).reshape(b, c, 2 * n_chunks, 1)
+    total = (total + scale_local * intra).view(b, c, 2, n_chunks, chunk)
+    out = total[:, :, 0] / total[:, :, 1]
+    out = out.reshape(b, c, n_chunks * chunk)[..., :t]
+    return out + shift
+
+
+def biwkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The O(T²) definition of Eq. 3, for tests (use float64)."""
+    t = k.shape[-1]
+    idx = torch.arange(t, device=k.device, dtype=k.dtype)
+    dist = (idx[:, None] - idx[None, :]).abs()
+    logits = -(dist - 1)[None] * w[:, None, None] + k[:, :, None, :]  # (B, C, T, I)
+    diag = u[None, :, None] + k  # (B, C, T): the bonus term e^{u + k_t}
+    eye = torch.eye(t, dtype=torch.bool, device=k.device)
+    logits = torch.where(eye, diag[:, :, :, None].expand_as(logits), logits)
+    weights = torch.softmax(logits, dim=-1)
+    return torch.einsum("bcti,bci->bct", weights, v)
+
+
+class OmniShift(nn.Module):
+    """Omni-Shift (Vision-RWKV; LALIC Sec. 3.2): ``a0 x + a1 DW1x1(x) + a2 DW3x3(x) + a3 DW5x5(x)``.
+
+    During training the four branches are folded functionally into one 5x5 depthwise kernel on
+    every call (identical result, one convolution). :meth:`reparameterize` stores that kernel once
+    and drops the branches, for inference and export; calling it again does nothing.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.alpha = nn.Parameter(torch.randn(4))
+        self.conv1 = nn.Parameter(torch.empty(channels, 1, 1, 1))
+        self.conv3 = nn.Parameter(torch.empty(channels, 1, 3, 3))
+        self.conv5 = nn.Parameter(torch.empty(channels, 1, 5, 5))
+        for p, fan_in in ((self.conv1, 1), (self.conv3, 9), (self.conv5, 25)):
+            nn.init.uniform_(p, -(fan_in**-0.5), fan_in**-0.5)
+        self.register_buffer("fused", None)
+
+    def fused_kernel(self) -> Tensor:
+        """The single 5x5 depthwise kernel equal to the sum of the four branches."""
+        identity = torch.zeros_like(self.conv5)
+        identity[:, :, 2, 2] = 1.0
+        a = self.alpha
+        return (
+            a[0] * identity
+            + a[1] * F.pad(self.conv1, (2, 2, 2, 2))
+            + a[2] * F.pad(self.conv3, (1, 1, 1, 1))
+            + a[3] * self.conv5
+        )
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the branches into ``self.fused`` and delete them (idempotent)."""
+        if self.fused is not None:
+            return
+        self.fused = self.fused_kernel().detach().clone()
+        del self.alpha, self.conv1, self.conv3, self.conv5
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self.fused if self.fused is not None else self.fused_kernel()
+        return F.conv2d(x, kernel, padding=2, groups=self.channels)
+
+
+class SpatialMix(nn.Module):
+    """Spatial Mix (Eq. 2): ``W_o(sigmoid(r) * BiWKV(decay/T, boost/T, k, v))`` after Omni-Shift."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.shift = OmniShift(channels)
+        self.kvr = nn.Linear(channels, 3 * channels, bias=False)  # fused W_k | W_v | W_r
+        self.output = nn.Linear(channels, channels, bias=False)
+        self.decay = nn.Parameter(torch.randn(channels))
+        self.boost = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        b, t, c = x.shape
+        x = map_to_tokens(self.shift(tokens_to_map(x, height, width)))
+        kvr = torch.matmul(self.kvr.weight, x.transpose(1, 2))  # (B, 3C, T): BiWKV's layout
+        k, v, r = kvr.split(c, dim=1)
+        wkv = biwkv(self.decay / t, self.boost / t, k.float(), v.float()).to(x.dtype)
+        return torch.matmul((torch.sigmoid(r) * wkv).transpose(1, 2), self.output.weight.t())
+
+
+class ChannelMix(nn.Module):
+    """Channel Mix (Eq. 4): ``sigmoid(W_r x) * W_v(relu(W_k x)^2)`` after its own Omni-Shift."""
+
+    def __init__(self, channels: int, ratio: int = 4) -> None:
+        super().__init__()
+        self.shift = OmniShift(channels)
+        self.key = nn.Linear(channels, ratio * channels, bias=False)
+        self.value = nn.Linear(ratio * channels, channels, bias=False)
+        self.receptance = nn.Linear(channels, channels, bias=False)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        x = map_to_tokens(self.shift(tokens_to_map(x, height, width)))
+        return torch.sigmoid(self.receptance(x)) * self.value(torch.relu(self.key(x)).square())
+
+
+class BiRWKVBlock(nn.Module):
+    """Bi-RWKV block (Sec. 3.2): pre-norm Spatial Mix and Channel Mix with per-channel layer scales."""
+
+    def __init__(self, channels: int, ratio: int = 4) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels)
+        self.norm2 = nn.LayerNorm(channels)
+        self.spatial = SpatialMix(channels)
+        self.channel = ChannelMix(channels, ratio)
+        self.gamma1 = nn.Parameter(torch.ones(channels))
+        self.gamma2 = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        x = x + self.gamma1 * self.spatial(self.norm1(x), height, width)
+        return x + self.gamma2 * self.channel(self.norm2(x), height, width)
+
+
+class BlockStage(nn.Module):
+    """A stack of Bi-RWKV blocks applied to a ``(B, C, H, W)`` map; returns a channels-last map."""
+
+    def __init__(self, channels: int, depth: int, ratio: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(BiRWKVBlock(channels, ratio) for _ in range(depth))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not len(self.blocks):
+            return x
+        _, _, h, w = x.shape
+        tokens = map_to_tokens(x.contiguous(memory_format=torch.channels_last))
+        for block in self.blocks:
+            tokens = block(tokens, h, w)
+        return tokens_to_map(tokens, h, w)
+
+
+def reparameterize(module: nn.Module) -> nn.Module:
+    """Fold every Omni-Shift of ``module`` into its 5x5 kernel (idempotent); returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, OmniShift):
+            m.reparameterize()
+    return module

@@ -1,0 +1,270 @@
+"""``lalic train``: rate-distortion training of LALIC on folders of images.
+
+Loss (paper Sec. 4.1): ``lambda * 255^2 * MSE + bpp`` per sample (MS-SSIM variant:
+``lambda * (1 - MS-SSIM) + bpp``). For the variable-rate model each sample draws one of the six
+quality levels and its lambda. Adam for the network, a separate Adam for the factorised prior's
+quantiles (auxiliary loss), gradient clipping, checkpoints with optimiser and RNG state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from model.configs import get_config
+from model.lalic import LALIC
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "train"
+DEFAULT_KODAK = REPO.parent / "shared" / "datasets" / "kodak"
+DEFAULT_RUNS = Path.home() / ".cache" / "lalic" / "runs"
+
+
+def find_images(folders: list[Path]) -> list[Path]:
+    paths = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"no images found under {[str(f) for f in folders]}")
+    return paths
+
+
+class CropSampler:
+    """Random crops with random flips from images held in memory (uint8 HWC)."""
+
+    def __init__(self, paths: list[Path], crop: int, seed: int) -> None:
+        self.images = []
+        for p in tqdm(paths, desc="loading images", leave=False):
+            with Image.open(p) as im:
+                arr = np.asarray(im.convert("RGB"))
+            if min(arr.shape[:2]) < crop:
+                s = crop / min(arr.shape[:2])
+                size = (math.ceil(arr.shape[1] * s), math.ceil(arr.shape[0] * s))
+                arr = np.asarray(Image.fromarray(arr).resize(size, Image.BICUBIC))
+            self.images.append(arr)
+        self.crop = crop
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int, crop: int | None = None) -> torch.Tensor:
+        crop = crop or self.crop
+        out = np.empty((size, crop, crop, 3), dtype=np.uint8)
+        for i in range(size):
+            img = self.images[self.rng.integers(len(self.images))]
+            h, w = img.shape[:2]
+            if min(h, w) < crop:
+                img = np.asarray(Image.fromarray(img).resize((max(w, crop), max(h, crop)), Image.BICUBIC))
+                h, w = img.shape[:2]
+            y, x = self.rng.integers(h - crop + 1), self.rng.integers(w - crop + 1)
+            patch = img[y : y + crop, x : x + crop]
+            if self.rng.random() < 0.5:
+                patch = patch[:, ::-1]
+            if self.rng.random() < 0.5:
+                patch = patch[::-1]
+            out[i] = patch
+        return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def rate_distortion(out: dict, x: torch.Tensor, lambdas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-batch loss terms: mean over samples of lambda_i * 255^2 * MSE_i + bpp_i."""
+    b, _, h, w = x.shape
+    pixels = h * w
+    bpp = sum(-torch.log2(lik).flatten(1).sum(1) for lik in out["likelihoods"].values()) / pixels
+    mse = (out["x_hat"].float().clamp(0, 1) - x).square().flatten(1).mean(1)
+    mse_train = (out["x_hat"].float() - x).square().flatten(1).mean(1)
+    loss = (lambdas * 255.0**2 * mse_train + bpp).mean()
+    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()
+    return {"loss": loss, "bpp": bpp.mean(), "mse": mse.mean(), "psnr": psnr}
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, constant, then a drop to lr/10 for the last ``drop_fraction`` of the steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if step >= args.steps * (1 - args.drop_fraction):
+        return args.lr * 0.1
+    return args.lr
+
+
+def _state(model, opt, aux_opt, step, sampler) -> dict:
+    return {
+        "step": step,
+        "config": model.config.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "aux_optimizer": aux_opt.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": sampler.rng.bit_generator.state,
+            "python": random.getstate(),
+        },
+    }
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def quick_eval(model: LALIC, images: list[np.ndarray], qualities: list[float]) -> dict:
+    """Likelihood-estimated bpp and PSNR on a few images (the real-bitstream eval is ``lalic eval``)."""
+    model.eval()
+    results = {}
+    for q in qualities:
+        bpps, psnrs = [], []
+        for img in images:
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+            out = model(x, torch.tensor([q]))
+            m = rate_distortion(out, x, torch.tensor([0.0]))
+            bpps.append(float(m["bpp"]))
+            psnrs.append(float(m["psnr"]))
+        results[f"q{q:g}"] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))}
+    model.train()
+    return results
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_DATA], help="image folder(s)")
+    p.add_argument("--config", default="lalic-s", help="named configuration (lalic-s, lalic)")
+    p.add_argument("--run", default="lalic-s", help="run name; checkpoints in --runs-dir/RUN")
+    p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
+    p.add_argument("--resume", action="store_true", help="continue from RUN's last checkpoint")
+    p.add_argument("--init", type=Path, help="start from these weights (checkpoint or weight file)")
+    p.add_argument("--steps", type=int, default=100_000, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=128, help="random crop size (128 or 256)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--aux-lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--drop-fraction", type=float, default=0.1, help="final fraction at lr/10")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--quality", type=float, help="train one quality only (fixed-rate models)")
+    p.add_argument("--lmbda", type=float, help="lambda for a fixed-rate model")
+    p.add_argument("--metric", choices=["mse", "ms-ssim"], default="mse")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (BiWKV stays float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--eval-every", type=int, default=1000, help="steps between quick Kodak evals")
+    p.add_argument("--eval-images", type=int, default=2)
+    p.add_argument("--kodak", type=Path, default=DEFAULT_KODAK)
+    p.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this long")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    run_dir = args.runs_dir / args.run
+    ckpt_path = run_dir / "checkpoint.pt"
+    device = torch.device(args.device)
+
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume else None
+    config = get_config(args.config) if state is None else type(get_config(args.config)).from_dict(
+        state["config"]
+    )
+    model = LALIC(config).to(device).train()
+    if args.init is not None and state is None:
+        init = torch.load(args.init, map_location="cpu", weights_only=False)
+        model.load_state_dict(init.get("model", init))
+    main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
+    opt = torch.optim.Adam(main_params, lr=args.lr)
+    aux_opt = torch.optim.Adam(aux_params, lr=args.aux_lr)
+    sampler = CropSampler(find_images(args.data), args.crop, args.seed)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        aux_opt.load_state_dict(state["aux_optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        sampler.rng.bit_generator.state = state["rng"]["numpy"]
+        random.setstate(state["rng"]["python"])
+    net = torch.compile(model) if args.compile else model
+
+    lambdas = torch.tensor(config.lambdas)
+    eval_images = []
+    if args.eval_images and args.kodak.is_dir():
+        for p in sorted(args.kodak.glob("*.png"))[: args.eval_images]:
+            with Image.open(p) as im:
+                eval_images.append(np.asarray(im.convert("RGB"))[:512, :512])
+    log_path = run_dir / "log.jsonl"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last_ckpt = time.monotonic()
+    started = time.monotonic()
+    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
+    with log_path.open("a") as log:
+        while step < args.steps:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args)
+            x = sampler.batch(args.batch_size).to(device)
+            if config.variable_rate and args.quality is None:
+                qi = torch.randint(0, len(lambdas), (x.shape[0],))
+                quality, lam = (qi + 1).float(), lambdas[qi]
+            else:
+                q = args.quality or float(len(lambdas))
+                quality = torch.full((x.shape[0],), q)
+                lam = torch.full((x.shape[0],), args.lmbda or lambdas[int(q) - 1].item())
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                out = net(x, quality.to(device))
+            terms = rate_distortion(out, x, lam.to(device))
+            if args.metric == "ms-ssim":
+                from model.metrics import ms_ssim_torch
+
+                ssim = ms_ssim_torch(out["x_hat"].float().clamp(0, 1), x)
+                terms["loss"] = (lam.to(device) * (1 - ssim) + terms["bpp"]).mean()
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(main_params, args.clip)
+            opt.step()
+            aux_opt.zero_grad(set_to_none=True)
+            aux = model.aux_loss()
+            aux.backward()
+            aux_opt.step()
+            step += 1
+            record = {k: round(float(v), 5) for k, v in terms.items()}
+            record.update(step=step, aux=round(float(aux), 3), grad=round(float(grad_norm), 3))
+            bar.update(1)
+            bar.set_postfix(loss=record["loss"], bpp=record["bpp"], psnr=record["psnr"])
+            if step % 20 == 0:
+                log.write(json.dumps({**record, "lr": lr_at(step, args), "time": time.time()}) + "\n")
+                log.flush()
+            if eval_images and (step % args.eval_every == 0 or step == args.steps):
+                ev = quick_eval(model, eval_images, [1.0, 3.0, 6.0] if config.variable_rate else [6.0])
+                log.write(json.dumps({"step": step, "eval": ev, "time": time.time()}) + "\n")
+                log.flush()
+                tqdm.write(f"step {step} kodak (estimated): {ev}")
+            out_of_time = args.max_minutes and time.monotonic() - started > args.max_minutes * 60
+            if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60 or step == args.steps or out_of_time:
+                save_checkpoint(ckpt_path, _state(model, opt, aux_opt, step, sampler))
+                last_ckpt = time.monotonic()
+            if out_of_time:
+                break
+    bar.close()
+    save_checkpoint(ckpt_path, _state(model, opt, aux_opt, step, sampler))
+    print(f"checkpoint: {ckpt_path} (step {step})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lalic train", description=__doc__)
+    add_train_arguments(p)
+    return run_train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
