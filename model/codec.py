@@ -8,10 +8,13 @@ g_a and h_a, codes z with the factorised prior and y pass by pass with the RWKV-
 against the one the encoder stored (a desynchronised decode is reported, never returned), and
 crops the reconstruction back to the original size.
 
-Determinism: the entropy-parameter path (h_s output onwards, which decides the coding
-distributions) runs one image at a time, so a bitstream does not depend on what else was in
-the batch. The torch thread count is pinned to 1 inside that path by default
-(``entropy_threads``), so streams also do not depend on the caller's thread settings.
+Determinism: every stage runs one image at a time, so a bitstream, and the image decoded from
+it, do not depend on what else was in the batch (oneDNN and BLAS choose kernels by batch size,
+and a last-bit difference in y flips a rounded symbol). The entropy-parameter path (h_s onwards,
+which decides the coding distributions) is pinned to ``entropy_threads`` = 1 torch thread, so
+the decoder's distributions do not depend on the caller's thread count either. g_a and g_s run
+with the caller's threads: measured here, 1 vs 2 threads gave identical streams, and decoded
+images that differ by at most one 8-bit level at a few pixels (g_s reductions split by thread).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from model.bitstream import BitstreamError, Header, pack, read_header, symbols_crc32, unpack
-from model.coder import CoderError, decode_symbols, encode_symbols
+from model.coder import CoderError, SymbolDecoder, SymbolEncoder
 from model.configs import get_config
+from model.export import BACKENDS, load_stages
 from model.lalic import LALIC, PAD_MULTIPLE
 
 STAGES = ("analysis", "hyper", "entropy_parameters", "synthesis", "entropy_coding")
@@ -87,9 +91,12 @@ class Codec:
         device: str = "cpu",
         backend: str = "torch",
         entropy_threads: int | None = 1,
+        export_dir: str | None = None,
+        threads: int | None = None,
+        entropy_workers: int = 2,
     ) -> None:
-        if backend != "torch":
-            raise ValueError(f"backend {backend!r} is not available (supported: torch)")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not available (supported: {', '.join(BACKENDS)})")
         self.device = str(device)
         self.backend = backend
         self.net = net.to(device).prepare_for_inference()
@@ -100,6 +107,11 @@ class Codec:
         self.entropy_threads = entropy_threads
         self._y_tables = self.net.gaussian.tables()
         self._z_tables = self.net.entropy_bottleneck.tables()
+        # the networks behind the chosen backend (model.export); the coding loop stays Python
+        self._stages = load_stages(
+            self.net, backend, self.weights_digest, export_dir=export_dir, threads=threads,
+            device=self.device, workers=entropy_workers,
+        )
 
     # Construction -------------------------------------------------------------------------
     @classmethod
@@ -167,18 +179,20 @@ class Codec:
         timer = _Timer(timings)
         net = self.net
         qt = torch.full((len(images),), q, device=self.device)
+        # Every stage runs one image at a time: oneDNN and BLAS pick kernels by batch size, and a
+        # last-bit difference in y would flip a rounded symbol. A batch's streams are therefore
+        # exactly the streams of its images coded alone.
         with timer("analysis"):
-            y = net.analysis(self._to_tensor(images), qt)
+            y = torch.cat([self._stages.analysis(self._to_tensor([img]), qt[:1]) for img in images])
         with timer("hyper"):
-            z = net.h_a(y)
+            z = torch.cat([self._stages.hyper_analysis(y[i : i + 1]) for i in range(len(images))])
             med = net.entropy_bottleneck.medians().view(1, -1, 1, 1)
             z_sym = torch.round(z - med).to(torch.int32)
             z_hat = z_sym.float() + med
         out = []
         for i, img in enumerate(images):
-            with timer("entropy_parameters"), torch_threads(self.entropy_threads):
-                hyper = net.h_s(z_hat[i : i + 1])
-                _, passes = net.context.code(hyper, net.gaussian.indexes, y=y[i : i + 1])
+            with timer("entropy_parameters"):
+                _, passes = self._entropy_parameters(z_hat[i : i + 1], y[i : i + 1])
             with timer("entropy_coding"):
                 streams, arrays = self._encode_streams(z_sym[i], passes)
                 header = Header(
@@ -194,19 +208,46 @@ class Codec:
                 out.append(pack(header, streams))
         return out
 
+    def _entropy_parameters(self, z_hat: torch.Tensor, y: torch.Tensor | None = None, decode=None):
+        """h_s and the RWKV-SCCTX coding loop for one image, with the pinned thread count."""
+        with torch_threads(self.entropy_threads):
+            hyper = self._stages.hyper_synthesis(z_hat)
+            return self.net.context.code(
+                hyper, self.net.gaussian.indexes, y=y, decode=decode, nets=self._stages
+            )
+
+    @torch.inference_mode()
+    def encoder_latents(self, image: np.ndarray, quality: float) -> dict:
+        """What the encoder quantises for one image: z symbols, per-pass (symbols, indexes), y_hat."""
+        q = self._check_quality(quality)
+        net = self.net
+        y = self._stages.analysis(self._to_tensor([image]), torch.tensor([q], device=self.device))
+        med = net.entropy_bottleneck.medians().view(1, -1, 1, 1)
+        z_sym = torch.round(self._stages.hyper_analysis(y) - med).to(torch.int32)
+        y_hat, passes = self._entropy_parameters(z_sym.float() + med, y)
+        return {"z_symbols": z_sym[0], "passes": passes, "y_hat": y_hat}
+
+    @torch.inference_mode()
+    def reconstruct(self, y_hat: torch.Tensor, quality: float) -> torch.Tensor:
+        """g_s of y_hat (with the inverse gain), float in [0, 1], still padded."""
+        qt = torch.full((y_hat.shape[0],), float(quality), device=self.device)
+        return self._stages.synthesis(y_hat, qt).clamp_(0, 1)
+
     def _z_indexes(self, shape: tuple[int, ...]) -> np.ndarray:
         c = shape[0]
         return np.broadcast_to(np.arange(c, dtype=np.int32)[:, None, None], shape)
 
     def _encode_streams(self, z_sym: torch.Tensor, passes) -> tuple[list[bytes], list[np.ndarray]]:
+        """One range-coded stream: z, then y pass by pass (the decoder's order)."""
+        encoder = SymbolEncoder()
         z_np = z_sym.cpu().numpy()
+        encoder.encode(z_np, self._z_indexes(z_np.shape), self._z_tables)
         arrays = [z_np]
-        streams = [encode_symbols(z_np, self._z_indexes(z_np.shape), self._z_tables)]
         for symbols, indexes in passes:
-            s, ix = symbols[0].cpu().numpy(), indexes[0].cpu().numpy()
+            s = symbols[0].cpu().numpy()
+            encoder.encode(s, indexes[0].cpu().numpy(), self._y_tables)
             arrays.append(s)
-            streams.append(encode_symbols(s, ix, self._y_tables))
-        return streams, arrays
+        return [encoder.finish()], arrays
 
     # Decompression -------------------------------------------------------------------------
     def _parse(self, data: bytes, max_pixels: int) -> tuple[Header, list[bytes]]:
@@ -228,8 +269,8 @@ class Codec:
             )
         if header.tiling != (0, 0, 0):
             raise BitstreamError(f"tiled streams are not supported by this decoder: {header.tiling}")
-        if len(streams) != 1 + self.net.context.num_passes:
-            raise BitstreamError(f"expected {1 + self.net.context.num_passes} streams, got {len(streams)}")
+        if len(streams) != 1:
+            raise BitstreamError(f"expected 1 coded stream, got {len(streams)}")
         return header, streams
 
     @torch.inference_mode()
@@ -247,49 +288,52 @@ class Codec:
         if len(keys) != 1:
             raise ValueError("streams in one batch must share padded shape and quality")
         timer = _Timer(timings)
-        net = self.net
-        med = net.entropy_bottleneck.medians().view(-1, 1, 1)
-        y_hats = []
-        for header, parts in parsed:
-            arrays: list[np.ndarray] = []
-            try:
-                with timer("entropy_coding"):
-                    z_idx = self._z_indexes(header.z_shape)
-                    z_sym = decode_symbols(parts[0], z_idx, self._z_tables)
-                    arrays.append(z_sym)
-                z_hat = torch.from_numpy(z_sym).to(self.device).float() + med
+        y_hats = [self._decode_latents(header, parts, timings)[0] for header, parts in parsed]
+        with timer("synthesis"):  # per image, so a batch decodes exactly like its members alone
+            images = []
+            for y_hat, (h, _) in zip(y_hats, parsed, strict=True):
+                x_hat = self.reconstruct(y_hat, h.quality)
+                pixels = x_hat.mul_(255).round_().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
+                images.append(np.ascontiguousarray(pixels[: h.height, : h.width]))
+        return images
 
-                coding = [0.0]
+    @torch.inference_mode()
+    def decode_latents(self, data: bytes, max_pixels: int = 100_000_000) -> tuple[torch.Tensor, list]:
+        """y_hat and the decoded symbol arrays (z first, then each pass) of one stream."""
+        return self._decode_latents(*self._parse(bytes(data), max_pixels), None)
 
-                def decode(i: int, indexes: torch.Tensor, parts=parts, arrays=arrays, coding=coding):
-                    start = time.perf_counter()
-                    sym = decode_symbols(parts[1 + i], indexes[0].cpu().numpy(), self._y_tables)
-                    arrays.append(sym)
-                    coding[0] += time.perf_counter() - start
-                    return torch.from_numpy(sym)[None]
+    def _decode_latents(self, header: Header, parts: list[bytes], timings) -> tuple[torch.Tensor, list]:
+        med = self.net.entropy_bottleneck.medians().view(-1, 1, 1)
+        arrays: list[np.ndarray] = []
+        coding = [0.0]
+        start = time.perf_counter()
+        try:
+            decoder = SymbolDecoder(parts[0])
 
-                start = time.perf_counter()
-                with torch_threads(self.entropy_threads):
-                    hyper = net.h_s(z_hat[None])
-                    y_hat, _ = net.context.code(hyper, net.gaussian.indexes, decode=decode)
-                if timings is not None:  # the range decoding inside the loop counts as coding
-                    spent = time.perf_counter() - start
-                    timings["entropy_parameters"] = timings.get("entropy_parameters", 0.0) + spent - coding[0]
-                    timings["entropy_coding"] = timings.get("entropy_coding", 0.0) + coding[0]
-            except CoderError as exc:
-                raise BitstreamError(f"corrupt entropy-coded data: {exc}") from exc
-            if symbols_crc32(arrays) != header.symbol_crc32:
-                raise BitstreamError(
-                    "decoded symbols do not match the encoder's checksum (corrupt stream, or a "
-                    "decoder that is not bit-exact with the encoder)"
-                )
-            y_hats.append(y_hat)
-        header = parsed[0][0]
-        with timer("synthesis"):
-            qt = torch.full((len(parsed),), header.quality, device=self.device)
-            x_hat = net.synthesis(torch.cat(y_hats), qt)
-            pixels = x_hat.clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [np.ascontiguousarray(pixels[i, : h.height, : h.width]) for i, (h, _) in enumerate(parsed)]
+            def decode(i: int, indexes: torch.Tensor) -> torch.Tensor:
+                begin = time.perf_counter()
+                sym = decoder.decode(indexes[0].cpu().numpy(), self._y_tables)
+                arrays.append(sym)
+                coding[0] += time.perf_counter() - begin
+                return torch.from_numpy(sym)[None]
+
+            arrays.append(decoder.decode(self._z_indexes(header.z_shape), self._z_tables))
+            coding[0] += time.perf_counter() - start
+            z_hat = torch.from_numpy(arrays[0]).to(self.device).float() + med
+            y_hat, _ = self._entropy_parameters(z_hat[None], decode=decode)
+            decoder.finish()
+        except CoderError as exc:
+            raise BitstreamError(f"corrupt entropy-coded data: {exc}") from exc
+        if timings is not None:  # range decoding inside the loop counts as coding, not parameters
+            spent = time.perf_counter() - start
+            timings["entropy_parameters"] = timings.get("entropy_parameters", 0.0) + spent - coding[0]
+            timings["entropy_coding"] = timings.get("entropy_coding", 0.0) + coding[0]
+        if symbols_crc32(arrays) != header.symbol_crc32:
+            raise BitstreamError(
+                "decoded symbols do not match the encoder's checksum (corrupt stream, or a "
+                "decoder that is not bit-exact with the encoder)"
+            )
+        return y_hat, arrays
 
     def warmup(self, qualities: list[float] | None = None, size: tuple[int, int] = (64, 64)) -> None:
         """Run every quality once so that first requests do not pay for lazy initialisation."""

@@ -32,6 +32,8 @@ __all__ = [
     "PRECISION",
     "CdfTables",
     "CoderError",
+    "SymbolDecoder",
+    "SymbolEncoder",
     "decode_symbols",
     "encode_symbols",
     "pmf_to_quantized_cdf",
@@ -200,8 +202,132 @@ def _validate_tables(cdfs: np.ndarray, lengths: np.ndarray, offsets: np.ndarray)
             )
 
 
+def _check_symbols(symbols: np.ndarray, indexes: np.ndarray) -> np.ndarray:
+    sym = np.asarray(symbols)
+    if sym.shape != np.asarray(indexes).shape:
+        raise CoderError(f"symbols shape {sym.shape} != indexes shape {np.asarray(indexes).shape}")
+    if sym.size and not np.issubdtype(sym.dtype, np.integer):
+        raise CoderError(f"symbols must be integers, got {sym.dtype}")
+    values = sym.reshape(-1).astype(np.int64)
+    if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
+        raise CoderError("symbols must fit in int32")
+    return values
+
+
+class SymbolEncoder:
+    """Range codes several arrays one after another into one byte string.
+
+    One range coder and one escape stream serve every :meth:`encode` call, so coding an image's
+    passes together costs no per-pass padding or length fields. :class:`SymbolDecoder` must then
+    decode the same arrays, with the same indexes and tables, in the same order.
+    """
+
+    def __init__(self) -> None:
+        self._coder = constriction.stream.queue.RangeEncoder()
+        self._escapes: list[np.ndarray] = []
+
+    def encode(self, symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> None:
+        """Queue ``symbols`` (any shape, C order) coded with the tables picked by ``indexes``."""
+        values = _check_symbols(symbols, indexes)
+        idx = _flat_indexes(np.asarray(indexes), tables)
+        order, counts = _group(idx, tables.n_tables)
+        coded = values[order] - np.repeat(tables.offsets.astype(np.int64), counts)
+        pmf_len = np.repeat(tables._pmf_lengths, counts)
+        overflow = (coded < 0) | (coded >= pmf_len)
+        self._escapes.append(values[np.sort(order[overflow])])  # escapes in C order of positions
+        coded[overflow] = pmf_len[overflow]
+        coded32 = coded.astype(np.int32)
+        models = tables.models()
+        start = 0
+        for t in np.flatnonzero(counts):
+            stop = start + int(counts[t])
+            self._coder.encode(coded32[start:stop], models[t])
+            start = stop
+
+    def finish(self) -> bytes:
+        """The coded bytes (see the module docstring for the format)."""
+        words = self._coder.get_compressed().astype("<u4", copy=False)
+        escaped = np.concatenate(self._escapes) if self._escapes else np.zeros(0, np.int64)
+        escapes = _encode_varints(_zigzag(escaped))
+        return b"".join((_varint(words.size), _varint(len(escapes)), words.tobytes(), escapes))
+
+
+class SymbolDecoder:
+    """Decodes, call by call, what a :class:`SymbolEncoder` coded.
+
+    Raises:
+        CoderError: malformed data (bad or inconsistent lengths, truncated or trailing bytes, bad
+            escapes, a constriction error) or indexes that do not fit the tables. Garbage may
+            also decode without error into wrong values; callers verify a checksum.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        try:
+            buf = memoryview(data).cast("B")
+        except TypeError as exc:
+            raise CoderError(f"data must be a bytes-like object, got {type(data).__name__}") from exc
+        n_words, pos = _read_varint(buf, 0)
+        n_escape, pos = _read_varint(buf, pos)
+        if n_words * 4 + n_escape != len(buf) - pos:
+            raise CoderError(
+                f"declared sizes ({n_words} words + {n_escape} escape bytes) do not match the "
+                f"{len(buf) - pos} bytes present"
+            )
+        words = np.frombuffer(buf, dtype="<u4", count=n_words, offset=pos).astype(np.uint32)
+        escape_bytes = np.frombuffer(buf, dtype=np.uint8, count=n_escape, offset=pos + 4 * n_words)
+        count = int(np.count_nonzero(escape_bytes < 0x80))
+        self._escapes = _unzigzag(_decode_varints(escape_bytes, count))
+        self._next_escape = 0
+        try:
+            self._coder = constriction.stream.queue.RangeDecoder(words)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a Rust panic is a BaseException
+            raise CoderError(f"range decoder failed: {exc!r}") from exc
+
+    def decode(self, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
+        """The next array: int32 values shaped like ``indexes``."""
+        idx_in = np.asarray(indexes)
+        idx = _flat_indexes(idx_in, tables)
+        order, counts = _group(idx, tables.n_tables)
+        grouped = np.empty(idx.size, dtype=np.int32)
+        models = tables.models()
+        try:
+            start = 0
+            for t in np.flatnonzero(counts):
+                stop = start + int(counts[t])
+                grouped[start:stop] = self._coder.decode(models[t], stop - start)
+                start = stop
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # assorted errors on invalid data; a Rust panic is a BaseException
+            raise CoderError(f"range decoder failed: {exc!r}") from exc
+        pmf_len = np.repeat(tables._pmf_lengths.astype(np.int32), counts)
+        if np.any((grouped < 0) | (grouped > pmf_len)):
+            raise CoderError("range decoder produced a symbol outside its table")
+        overflow = grouped == pmf_len
+        values = np.empty(idx.size, dtype=np.int32)
+        values[order] = grouped.astype(np.int64) + np.repeat(tables.offsets.astype(np.int64), counts)
+        if overflow.any():
+            positions = np.sort(order[overflow])  # escapes are stored in C order of their positions
+            first, self._next_escape = self._next_escape, self._next_escape + positions.size
+            if self._next_escape > self._escapes.size:
+                raise CoderError("more escaped symbols than escape values")
+            escaped = self._escapes[first : self._next_escape]
+            low = tables.offsets[idx[positions]].astype(np.int64)
+            if np.any((escaped >= low) & (escaped < low + tables._pmf_lengths[idx[positions]])):
+                raise CoderError("escaped value lies inside its table's range")
+            values[positions] = escaped
+        return values.reshape(idx_in.shape)
+
+    def finish(self) -> None:
+        """Check that every escape value was used (trailing data is an error)."""
+        if self._next_escape != self._escapes.size:
+            raise CoderError(f"{self._escapes.size - self._next_escape} unused escape values")
+
+
 def encode_symbols(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> bytes:
-    """Range code signed integer ``symbols`` with the tables chosen by ``indexes``.
+    """Range code signed integer ``symbols`` with the tables chosen by ``indexes`` (one array).
 
     Args:
         symbols: integer array (values must fit in int32), any shape, read in C order.
@@ -211,93 +337,21 @@ def encode_symbols(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) 
     Returns:
         Self-contained coded bytes (see the module docstring for the format).
     """
-    sym = np.asarray(symbols)
-    idx_in = np.asarray(indexes)
-    if sym.shape != idx_in.shape:
-        raise CoderError(f"symbols shape {sym.shape} != indexes shape {idx_in.shape}")
-    if sym.size and not np.issubdtype(sym.dtype, np.integer):
-        raise CoderError(f"symbols must be integers, got {sym.dtype}")
-    values = sym.reshape(-1).astype(np.int64)
-    if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
-        raise CoderError("symbols must fit in int32")
-    idx = _flat_indexes(idx_in, tables)
-
-    order, counts = _group(idx, tables.n_tables)
-    coded = values[order] - np.repeat(tables.offsets.astype(np.int64), counts)
-    pmf_len = np.repeat(tables._pmf_lengths, counts)
-    overflow = (coded < 0) | (coded >= pmf_len)
-    escaped_values = values[np.sort(order[overflow])]  # escapes go in C order of their positions
-    coded[overflow] = pmf_len[overflow]
-    coded32 = coded.astype(np.int32)
-
-    encoder = constriction.stream.queue.RangeEncoder()
-    models = tables.models()
-    start = 0
-    for t in np.flatnonzero(counts):
-        stop = start + int(counts[t])
-        encoder.encode(coded32[start:stop], models[t])
-        start = stop
-    words = encoder.get_compressed().astype("<u4", copy=False)
-    escapes = _encode_varints(_zigzag(escaped_values))
-    return b"".join((_varint(words.size), _varint(len(escapes)), words.tobytes(), escapes))
+    encoder = SymbolEncoder()
+    encoder.encode(symbols, indexes, tables)
+    return encoder.finish()
 
 
 def decode_symbols(data: bytes, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
     """Decode the output of :func:`encode_symbols`; returns int32 values shaped like ``indexes``.
 
     Raises:
-        CoderError: the data is malformed (bad or inconsistent lengths, truncated or trailing
-            bytes, bad escapes, a constriction error) or the indexes do not fit the tables.
-            Garbage may also decode without error into wrong values; callers verify a checksum.
+        CoderError: as :class:`SymbolDecoder`.
     """
-    idx_in = np.asarray(indexes)
-    idx = _flat_indexes(idx_in, tables)
-    try:
-        buf = memoryview(data).cast("B")
-    except TypeError as exc:
-        raise CoderError(f"data must be a bytes-like object, got {type(data).__name__}") from exc
-    n_words, pos = _read_varint(buf, 0)
-    n_escape, pos = _read_varint(buf, pos)
-    if n_words * 4 + n_escape != len(buf) - pos:
-        raise CoderError(
-            f"declared sizes ({n_words} words + {n_escape} escape bytes) do not match the "
-            f"{len(buf) - pos} bytes present"
-        )
-    words = np.frombuffer(buf, dtype="<u4", count=n_words, offset=pos).astype(np.uint32)
-    escape_bytes = np.frombuffer(buf, dtype=np.uint8, count=n_escape, offset=pos + 4 * n_words)
-
-    order, counts = _group(idx, tables.n_tables)
-    grouped = np.empty(idx.size, dtype=np.int32)
-    models = tables.models()
-    try:
-        decoder = constriction.stream.queue.RangeDecoder(words)
-        start = 0
-        for t in np.flatnonzero(counts):
-            stop = start + int(counts[t])
-            grouped[start:stop] = decoder.decode(models[t], stop - start)
-            start = stop
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # assorted errors on invalid data; a Rust panic is a BaseException
-        raise CoderError(f"range decoder failed: {exc!r}") from exc
-
-    pmf_len = np.repeat(tables._pmf_lengths.astype(np.int32), counts)
-    if np.any((grouped < 0) | (grouped > pmf_len)):
-        raise CoderError("range decoder produced a symbol outside its table")
-    overflow = grouped == pmf_len
-    grouped_values = grouped.astype(np.int64) + np.repeat(tables.offsets.astype(np.int64), counts)
-    values = np.empty(idx.size, dtype=np.int32)
-    values[order] = grouped_values
-    if overflow.any():
-        positions = np.sort(order[overflow])  # escapes are stored in C order of their positions
-        escaped = _unzigzag(_decode_varints(escape_bytes, positions.size))
-        low = tables.offsets[idx[positions]].astype(np.int64)
-        if np.any((escaped >= low) & (escaped < low + tables._pmf_lengths[idx[positions]])):
-            raise CoderError("escaped value lies inside its table's range")
-        values[positions] = escaped
-    elif escape_bytes.size:
-        raise CoderError(f"{escape_bytes.size} escape bytes but no escaped symbol")
-    return values.reshape(idx_in.shape)
+    decoder = SymbolDecoder(data)
+    values = decoder.decode(indexes, tables)
+    decoder.finish()
+    return values
 
 
 def _flat_indexes(indexes: np.ndarray, tables: CdfTables) -> np.ndarray:

@@ -14,6 +14,7 @@ work that produces the coding distributions is identical on both sides.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,43 @@ from model.layers import BlockStage, map_to_tokens
 
 DecodeFn = Callable[[int, Tensor], Tensor]
 """``decode(pass_index, indexes (B, n, g) int32) -> symbols (B, n, g) int32``."""
+
+
+class ContextNetworks(Protocol):
+    """The three networks of slice ``k`` that :meth:`ContextModel.code` calls.
+
+    The codec passes an implementation backed by eager modules, TorchScript or onnxruntime
+    (:mod:`model.export`); the coding loop itself stays Python and is shared by all of them.
+    """
+
+    def channel(self, k: int, decoded: Tensor) -> Tensor:
+        """Channel context of slice ``k >= 1``: (B, sum of earlier slices, h, w) -> (B, 2 g, h, w)."""
+        ...
+
+    def spatial(self, k: int, anchors: Tensor) -> Tensor:
+        """Checkerboard context of slice ``k``: decoded anchors (B, g, h, w) -> (B, 2 g, h, w)."""
+        ...
+
+    def params(self, k: int, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Parameter network of slice ``k``: (B, n, cin) -> scales, means (B, n, g)."""
+        ...
+
+
+class ModuleNetworks:
+    """:class:`ContextNetworks` calling a :class:`ContextModel`'s own modules (eager PyTorch)."""
+
+    def __init__(self, model: ContextModel) -> None:
+        self.model = model
+
+    def channel(self, k: int, decoded: Tensor) -> Tensor:
+        return self.model.channel[k - 1](decoded)
+
+    def spatial(self, k: int, anchors: Tensor) -> Tensor:
+        return self.model.spatial[k](anchors)
+
+    def params(self, k: int, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        scales, means = self.model.params[k](tokens)
+        return scales, means
 
 
 def anchor_mask(height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
@@ -166,6 +204,7 @@ class ContextModel(nn.Module):
         index_fn: Callable[[Tensor], Tensor],
         y: Tensor | None = None,
         decode: DecodeFn | None = None,
+        nets: ContextNetworks | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """The coding loop shared by encoder (``y`` given) and decoder (``decode`` given).
 
@@ -173,30 +212,47 @@ class ContextModel(nn.Module):
         that pass's positions, turns scales into table indexes with ``index_fn``, and obtains
         symbols ``round(y - mean)`` (encoder) or from ``decode`` (decoder); ``y_hat = symbols +
         mean``. Returns ``y_hat`` (B, M, h, w) and, per pass, (symbols, indexes), each (B, n, g).
+        ``nets`` runs the networks (default: this module's own, eager).
+
+        Tokens are kept in pass order (all anchors, then all non-anchors) so that each pass reads
+        a contiguous half instead of gathering; the result does not depend on that order.
         """
+        nets = nets if nets is not None else ModuleNetworks(self)
         b, _, h, w = hyper.shape
         anchors = anchor_mask(h, w, hyper.device).flatten()
-        positions = (anchors.nonzero().squeeze(1), (~anchors).nonzero().squeeze(1))
+        order = torch.cat([anchors.nonzero().squeeze(1), (~anchors).nonzero().squeeze(1)])
+        n_anchor = int(anchors.sum())
+        bounds = ((0, n_anchor), (n_anchor, h * w))
+        hyper_tokens = map_to_tokens(hyper).index_select(1, order)
         y_slices = y.split(self.slices, dim=1) if y is not None else None
         decoded: list[Tensor] = []
         passes: list[tuple[Tensor, Tensor]] = []
         for k, g in enumerate(self.slices):
-            ctx_tokens = map_to_tokens(self._context(k, hyper, decoded))
-            y_tokens = map_to_tokens(y_slices[k]) if y_slices is not None else None
-            slice_tokens = hyper.new_zeros(b, h * w, g)
-            spatial = hyper.new_zeros(b, len(positions[0]), 2 * g)
-            for half, pos in enumerate(positions):
-                if half == 1:
-                    anchor_map = slice_tokens.transpose(1, 2).reshape(b, g, h, w)
-                    spatial = map_to_tokens(self.spatial[k](anchor_map))[:, pos]
-                tokens = torch.cat([spatial, ctx_tokens[:, pos]], dim=-1)
-                scales, means = self.params[k](tokens)
+            if k == 0:
+                ctx_tokens = hyper_tokens
+            else:
+                channel = map_to_tokens(nets.channel(k, torch.cat(decoded, dim=1))).index_select(1, order)
+                ctx_tokens = torch.cat([channel, hyper_tokens], dim=-1)
+            y_tokens = map_to_tokens(y_slices[k]).index_select(1, order) if y_slices is not None else None
+            slice_tokens = hyper.new_zeros(b, h * w, g)  # y_hat of this slice, pass order
+            for half, (lo, hi) in enumerate(bounds):
+                if half == 0:
+                    spatial = hyper.new_zeros(b, hi - lo, 2 * g)
+                else:
+                    anchor_map = hyper.new_zeros(b, h * w, g)
+                    anchor_map[:, order[:n_anchor]] = slice_tokens[:, :n_anchor]
+                    anchor_map = anchor_map.transpose(1, 2).reshape(b, g, h, w)
+                    spatial = map_to_tokens(nets.spatial(k, anchor_map)).index_select(1, order[lo:hi])
+                tokens = torch.cat([spatial, ctx_tokens[:, lo:hi]], dim=-1)
+                scales, means = nets.params(k, tokens)
                 indexes = index_fn(scales)
                 if y_tokens is not None:
-                    symbols = torch.round(y_tokens[:, pos] - means).to(torch.int32)
+                    symbols = torch.round(y_tokens[:, lo:hi] - means).to(torch.int32)
                 else:
                     symbols = decode(len(passes), indexes).to(hyper.device)
-                slice_tokens[:, pos] = symbols.to(means.dtype) + means
+                slice_tokens[:, lo:hi] = symbols.to(means.dtype) + means
                 passes.append((symbols, indexes))
-            decoded.append(slice_tokens.transpose(1, 2).reshape(b, g, h, w))
+            raster = torch.empty_like(slice_tokens)
+            raster[:, order] = slice_tokens
+            decoded.append(raster.transpose(1, 2).reshape(b, g, h, w))
         return torch.cat(decoded, dim=1), passes

@@ -136,17 +136,16 @@ class FactorizedPrior(nn.Module):
         minima = torch.ceil(med - q[:, 0, 0]).clamp_min(0).long()
         maxima = torch.ceil(q[:, 0, 2] - med).clamp_min(0).long()
         length = (minima + maxima + 1).clamp(max=4096)
-        pmfs, offsets = [], []
-        for ch in range(self.channels):
-            n = int(length[ch])
-            samples = torch.arange(n, dtype=torch.float32) - int(minima[ch]) + float(med[ch])
-            x = samples.view(1, 1, -1).expand(self.channels, 1, n)
-            lower = self._logits_cumulative(x - 0.5, stop_gradient=True)[ch, 0].double()
-            upper = self._logits_cumulative(x + 0.5, stop_gradient=True)[ch, 0].double()
-            sign = -torch.sign(lower + upper)
-            pmf = (torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower)).abs()
-            pmfs.append(pmf.numpy())
-            offsets.append(-int(minima[ch]))
+        n = int(length.max())
+        # every channel evaluated at its own sample points (padded to the longest range)
+        samples = torch.arange(n, dtype=torch.float64)[None] - minima[:, None] + med[:, None]
+        x = samples.float()[:, None, :]
+        lower = self._logits_cumulative(x - 0.5, stop_gradient=True)[:, 0].double()
+        upper = self._logits_cumulative(x + 0.5, stop_gradient=True)[:, 0].double()
+        sign = -torch.sign(lower + upper)
+        pmf_all = (torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower)).abs()
+        pmfs = [pmf_all[ch, : int(length[ch])].numpy() for ch in range(self.channels)]
+        offsets = [-int(m) for m in minima]
         tables = CdfTables.from_pmfs(pmfs, np.asarray(offsets, dtype=np.int32))
         tables_to_buffers(self, "z", tables)
         self._tables = None

@@ -35,7 +35,8 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         image = Image.fromarray(arr, mode="L")
     elif mode in ("I", "F"):
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+    if has_alpha or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)

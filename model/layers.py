@@ -18,6 +18,23 @@ from torch import Tensor, nn
 CHUNK = 64
 """Tokens per chunk in :func:`biwkv`."""
 
+MIX_TOKENS = 2048
+"""Tokens per slab in the eager-inference Channel Mix (keeps the 4C hidden layer in L2 cache)."""
+
+
+def eager_inference() -> bool:
+    """True in eager, no-grad execution: inference-only fast paths (in-place ops, token slabs) may run.
+
+    False while autograd records (training), and while tracing or exporting (``torch.export``,
+    ONNX), where the plain formulation keeps graphs free of shape-dependent Python loops.
+    TorchScript takes the fast path whenever grad mode is off (its loops are real loops).
+    """
+    if torch.jit.is_scripting():
+        return not torch.is_grad_enabled()
+    if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled()
+
 
 def tokens_to_map(x: Tensor, height: int, width: int) -> Tensor:
     """``(B, T, C)`` tokens -> ``(B, C, H, W)`` map in channels-last memory (a view)."""
@@ -41,7 +58,22 @@ def _decay_matrix(w: Tensor, u: Tensor, size: int) -> Tensor:
 
 
 def _exclusive_logcumsumexp(x: Tensor, reverse: bool) -> Tensor:
-    """``log sum_{j<i} e^{x_j}`` along the last dim (``j>i`` when ``reverse``); ``-inf`` when empty."""
+    """``log sum_{j<i} e^{x_j}`` along the last dim (``j>i`` when ``reverse``); ``-inf`` when empty.
+
+    In eager no-grad float64 use, rows whose values span less than 600 take ``log(cumsum(e^{x -
+    max}))``: every term stays above e^-600 (float64 keeps them) and it is ~7x faster than
+    ``logcumsumexp`` (3.6 -> 0.5 ms on (1, 48, 2, 1536)); other inputs use ``logcumsumexp``.
+    """
+    if x.dtype == torch.float64 and eager_inference() and not x.requires_grad:
+        hi = x.amax(dim=-1, keepdim=True)
+        if bool(((hi - x.amin(dim=-1, keepdim=True)) < 600).all()):
+            terms = torch.exp(x - hi)
+            if reverse:
+                terms = terms.flip(-1)
+            inclusive = torch.cumsum(terms, dim=-1)
+            out = torch.cat([torch.zeros_like(inclusive[..., :1]), inclusive[..., :-1]], dim=-1)
+            out = out.log_().add_(hi)
+            return out.flip(-1) if reverse else out
     if reverse:
         x = x.flip(-1)
     inclusive = torch.logcumsumexp(x, dim=-1)
@@ -73,8 +105,10 @@ def biwkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = CHUNK) -> Ten
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t
     v_min = v.detach().amin(dim=-1, keepdim=True)
-    v_span = (v.detach().amax(dim=-1, keepdim=True) - v_min).clamp_min(1e-6)
-    shift = v_min - v_span  # v - shift lies in [span, 2 span]
+    v_max = v.detach().amax(dim=-1, keepdim=True)
+    # floor the span relative to |v| so that v - shift stays clearly positive in float32
+    v_span = torch.maximum(v_max - v_min, 1e-4 * torch.maximum(v_max.abs(), v_min.abs())).clamp_min(1e-6)
+    shift = v_min - 0.05 * v_span  # v - shift lies in [0.05 span, 1.05 span]: positive, small
     v = v - shift
     if pad:
         k = F.pad(k, (0, pad), value=-1e4)
@@ -85,7 +119,10 @@ def biwkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = CHUNK) -> Ten
     ek = torch.exp(k - m)
     both = torch.cat([ek * v, ek], dim=2)  # (B, C, 2n, L): numerator and denominator rows
 
-    intra = torch.matmul(both, _decay_matrix(w, u, chunk))  # the kernel is symmetric
+    kernel = _decay_matrix(w, u, chunk)  # symmetric
+    if n_chunks == 1:  # the whole sequence is one chunk: nothing to carry
+        intra = torch.matmul(both, kernel)
+        return intra[:, :, 0] / intra[:, :, 1] + shift
     pos = torch.arange(chunk, device=k.device, dtype=k.dtype)
     # Chunk summaries, decayed to the chunk's last token (for later chunks) and first token.
     to_end = torch.exp(-(chunk - 1 - pos)[None] * w[:, None])  # (C, L)
@@ -112,12 +149,17 @@ def biwkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = CHUNK) -> Ten
     # Everything from other chunks is rank 2 per chunk: [scale_f, scale_b] @ [e^{-a w}; e^{-(L-1-a) w}].
     carries = torch.stack([scale_f, scale_b], dim=-1).view(b, c, 2 * n_chunks, 2)
     profiles = torch.stack([to_start, to_end], dim=1)  # (C, 2, L)
-    total = torch.matmul(carries, profiles)  # (B, C, 2n, L)
+    total = torch.matmul(carries, profiles).view(b * c, 2 * n_chunks, chunk)
     scale_local = scale_local.expand(b, c, 2, n_chunks, 1).reshape(b, c, 2 * n_chunks, 1)
-    total = (total + scale_local * intra).view(b, c, 2, n_chunks, chunk)
-    out = total[:, :, 0] / total[:, :, 1]
-    out = out.reshape(b, c, n_chunks * chunk)[..., :t]
-    return out + shift
+    # total += (scale_local * both) @ kernel: one GEMM accumulating in place (inference)
+    kernel = kernel.expand(b, c, chunk, chunk).reshape(b * c, chunk, chunk)
+    if eager_inference():
+        total.baddbmm_(both.mul_(scale_local).view(b * c, 2 * n_chunks, chunk), kernel)
+    else:
+        total = torch.baddbmm(total, (both * scale_local).view(b * c, 2 * n_chunks, chunk), kernel)
+    total = total.view(b, c, 2, n_chunks, chunk)
+    out = torch.div(total[:, :, 0], total[:, :, 1]).view(b, c, n_chunks * chunk)[..., :t]
+    return out.add_(shift) if eager_inference() else out + shift
 
 
 def biwkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -152,8 +194,9 @@ class OmniShift(nn.Module):
             nn.init.uniform_(p, -(fan_in**-0.5), fan_in**-0.5)
         self.register_buffer("fused", None)
 
+    @torch.jit.unused
     def fused_kernel(self) -> Tensor:
-        """The single 5x5 depthwise kernel equal to the sum of the four branches."""
+        """The single 5x5 depthwise kernel equal to the sum of the four branches (training path)."""
         identity = torch.zeros_like(self.conv5)
         identity[:, :, 2, 2] = 1.0
         a = self.alpha
@@ -207,10 +250,29 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(channels, ratio * channels, bias=False)
         self.value = nn.Linear(ratio * channels, channels, bias=False)
         self.receptance = nn.Linear(channels, channels, bias=False)
+        self.slab_tokens = MIX_TOKENS
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         x = map_to_tokens(self.shift(tokens_to_map(x, height, width)))
+        if eager_inference() and x.shape[1] > self.slab_tokens:
+            return self._forward_slabs(x)
         return torch.sigmoid(self.receptance(x)) * self.value(torch.relu(self.key(x)).square())
+
+    def _forward_slabs(self, x: Tensor) -> Tensor:
+        """The same function, computed in slabs of :data:`MIX_TOKENS` tokens with in-place ops.
+
+        The ``(T, ratio * C)`` hidden activation then stays in cache instead of making four
+        trips through memory (measured 65 -> 40 ms at C=48, T=98304, one thread).
+        """
+        out = torch.empty_like(x)
+        n = self.slab_tokens
+        for start in range(0, x.shape[1], n):
+            xs = x[:, start : start + n]
+            hidden = self.key(xs).relu_()
+            hidden = hidden.mul_(hidden)
+            gate = self.receptance(xs).sigmoid_()
+            torch.mul(gate, self.value(hidden), out=out[:, start : start + n])
+        return out
 
 
 class BiRWKVBlock(nn.Module):
@@ -226,8 +288,8 @@ class BiRWKVBlock(nn.Module):
         self.gamma2 = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        x = x + self.gamma1 * self.spatial(self.norm1(x), height, width)
-        return x + self.gamma2 * self.channel(self.norm2(x), height, width)
+        x = torch.addcmul(x, self.gamma1, self.spatial(self.norm1(x), height, width))
+        return torch.addcmul(x, self.gamma2, self.channel(self.norm2(x), height, width))
 
 
 class BlockStage(nn.Module):

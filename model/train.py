@@ -249,7 +249,8 @@ def run_train(args: argparse.Namespace) -> int:
                 log.flush()
                 tqdm.write(f"step {step} kodak (estimated): {ev}")
             out_of_time = args.max_minutes and time.monotonic() - started > args.max_minutes * 60
-            if time.monotonic() - last_ckpt > args.checkpoint_minutes * 60 or step == args.steps or out_of_time:
+            due = time.monotonic() - last_ckpt > args.checkpoint_minutes * 60
+            if due or step == args.steps or out_of_time:
                 save_checkpoint(ckpt_path, _state(model, opt, aux_opt, step, sampler))
                 last_ckpt = time.monotonic()
             if out_of_time:

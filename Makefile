@@ -1,0 +1,40 @@
+# Two commands for a fresh machine with Python 3.11:
+#   make run    create .venv, install, start the service on the shipped weights (http://127.0.0.1:8000)
+#   make test   create .venv, install (plus Prometheus, nginx, promtool, hadolint via apt/pip), run all tests
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# glibc keeps large tensors mapped instead of unmapping them on free (5x faster large ops on our VMs)
+export MALLOC_MMAP_THRESHOLD_ := 4294967296
+export MALLOC_TRIM_THRESHOLD_ := 4294967296
+
+.PHONY: run test lint install deploy-tools clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/lalic serve --host $(HOST) --port $(PORT)
+
+deploy-tools:
+	bash .ci/install-deploy-tools.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) deploy-tools
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q --durations=15
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

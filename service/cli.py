@@ -1,0 +1,130 @@
+"""``serve`` command line: every setting as a flag, then uvicorn with graceful shutdown.
+
+Importing this module tunes glibc malloc (large mmap and trim thresholds) before torch allocates:
+returning big tensor buffers to the OS on every free made large-tensor ops several times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+import types
+import typing
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from service.settings import Settings
+
+MALLOC_THRESHOLD = 4294967296
+"""Value of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (4 GiB) for this and child processes."""
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_INT_MAX = 2**31 - 1  # mallopt takes a C int
+SHUTDOWN_GRACE_S = 10.0
+"""Extra seconds beyond ``request_timeout_s`` that uvicorn waits for in-flight requests on SIGTERM."""
+
+
+def tune_malloc() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process and set the env vars for children.
+
+    A threshold whose env var was already set when the process started is left as glibc read it.
+    Returns whether ``mallopt`` was applied (False off glibc).
+    """
+    pending = []
+    for variable, option in (
+        ("MALLOC_MMAP_THRESHOLD_", _M_MMAP_THRESHOLD),
+        ("MALLOC_TRIM_THRESHOLD_", _M_TRIM_THRESHOLD),
+    ):
+        if variable not in os.environ:
+            os.environ[variable] = str(MALLOC_THRESHOLD)
+            pending.append(option)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return all(mallopt(option, min(MALLOC_THRESHOLD, _INT_MAX)) == 1 for option in pending)
+
+
+tune_malloc()
+
+
+def _flag_options(field: FieldInfo) -> dict[str, Any]:
+    """argparse options (type, choices, action) for one settings field."""
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": typing.get_args(annotation)}
+    if annotation in (int, float):
+        return {"type": annotation, "metavar": annotation.__name__.upper()}
+    if typing.get_origin(annotation) is tuple:
+        return {"type": str, "metavar": "Q1,Q2,..."}
+    return {"type": str}
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one ``--flag`` per setting; a flag beats its ``LALIC_*`` variable, which beats the default."""
+    group = parser.add_argument_group("service settings (flags override LALIC_* environment variables)")
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(f"{value:g}" for value in default)
+        help_text = f"{field.description} [env LALIC_{name.upper()}; default: {default}]"
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=argparse.SUPPRESS,
+            help=help_text,
+            **_flag_options(field),
+        )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags given on the command line."""
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return Settings(**overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, then finish accepted requests and exit; returns the exit code."""
+    import uvicorn
+
+    from service.app import create_app
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s + SHUTDOWN_GRACE_S),
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service``: parse flags and serve."""
+    parser = argparse.ArgumentParser(prog="python -m service", description="LALIC compression REST service.")
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

@@ -1,0 +1,238 @@
+"""The codec as the service uses it: loading, warm-up, readiness, batch execution and stream headers.
+
+Everything that touches torch runs in the batching worker's thread (see :mod:`service.worker`):
+:meth:`Engine.load` is the worker's start-up step and :meth:`Engine.run_batch` its batch function.
+Header parsing and shape arithmetic are cheap, pure Python, and may run anywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.metrics import Metrics
+from service.settings import Settings
+from service.worker import Job
+
+if TYPE_CHECKING:
+    from model.bitstream import Header
+    from model.codec import Codec
+
+logger = logging.getLogger("service.engine")
+
+COMPRESS = "compress"
+DECOMPRESS = "decompress"
+_HEADER_PROBE_PIXELS = 1 << 40
+"""Pixel limit used to parse a header only to learn its size (nothing is allocated from it)."""
+
+
+class ModelState(StrEnum):
+    """Life cycle of the codec inside the service."""
+
+    LOADING = "loading"
+    WARMING_UP = "warming_up"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Jobs with equal keys can run in one codec call."""
+
+    operation: str
+    quality: float
+    padded_height: int
+    padded_width: int
+
+
+class ModelMismatchError(Exception):
+    """A well-formed stream made by another model or other weights."""
+
+
+class StreamTooLargeError(Exception):
+    """A bitstream declares an image above the pixel limit."""
+
+    def __init__(self, header: Header) -> None:
+        super().__init__(f"the stream declares {header.width}x{header.height} pixels")
+        self.header = header
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Engine:
+    """Owns one :class:`model.codec.Codec` and runs batches of jobs on it."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.state = ModelState.LOADING
+        self.error: str | None = None
+        self.codec: Codec | None = None
+        self.warmed: tuple[float, ...] = ()
+        self._ready = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        """Whether every configured quality is loaded and warmed up."""
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until ready (or ``timeout``); returns readiness."""
+        return self._ready.wait(timeout)
+
+    def describe_state(self) -> str:
+        """A one-line human description of the current state."""
+        if self.state is ModelState.FAILED:
+            return f"model loading failed: {self.error}"
+        if self.state is ModelState.WARMING_UP:
+            return f"warming up ({len(self.warmed)}/{len(self.settings.qualities)} qualities ready)"
+        if self.state is ModelState.LOADING:
+            return "loading the model"
+        return "ready"
+
+    # -- start-up (worker thread) -------------------------------------------------------------
+
+    def load(self) -> None:
+        """Create the codec and warm up every configured quality; failures are recorded in ``state``."""
+        started = time.perf_counter()
+        try:
+            self._configure_torch()
+            self.codec = self._create_codec()
+            missing = [q for q in self.settings.qualities if q not in self.codec.qualities]
+            if missing:
+                raise ValueError(f"the model has no quality {missing} (it has {self.codec.qualities})")
+            self.state = ModelState.WARMING_UP
+            for quality in self.settings.qualities:
+                self.codec.warmup(qualities=[quality])
+                self.warmed = (*self.warmed, quality)
+                self.metrics.models_loaded.set(len(self.warmed))
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.state = ModelState.FAILED
+            logger.exception("model loading failed; /readyz stays 503")
+            return
+        self.state = ModelState.READY
+        self._ready.set()
+        logger.info(
+            "model %s ready on %s/%s with qualities %s in %.1f s",
+            self.codec.model_id,
+            self.codec.device,
+            self.codec.backend,
+            list(self.warmed),
+            time.perf_counter() - started,
+        )
+
+    def _configure_torch(self) -> None:
+        """Apply the thread settings before any model work."""
+        import torch
+
+        if self.settings.torch_threads is not None:
+            torch.set_num_threads(self.settings.torch_threads)
+
+    def _create_codec(self) -> Codec:
+        """Build the codec the settings ask for."""
+        from model.codec import Codec
+
+        device = resolve_device(self.settings.device)
+        options: dict[str, Any] = {"device": device, "backend": self.settings.backend}
+        if self.settings.entropy_workers is not None:
+            if "entropy_workers" in inspect.signature(Codec).parameters:
+                options["entropy_workers"] = self.settings.entropy_workers
+            else:
+                logger.warning("entropy_workers is ignored: this codec has no parallel entropy coding")
+        if self.settings.random_weights:
+            return Codec.random(config=self.settings.model, seed=0, **options)
+        return Codec.from_pretrained(self.settings.weights, **options)
+
+    # -- request side (any thread) ------------------------------------------------------------
+
+    def require_codec(self) -> Codec:
+        """The loaded codec; only call once :attr:`ready`."""
+        if self.codec is None:
+            raise RuntimeError("the codec is not loaded")
+        return self.codec
+
+    def compress_key(self, height: int, width: int, quality: float) -> BatchKey:
+        """The batching key of a compress job."""
+        padded_h, padded_w = self.require_codec().padded_shape(height, width)
+        return BatchKey(COMPRESS, float(quality), padded_h, padded_w)
+
+    def decompress_key(self, header: Header) -> BatchKey:
+        """The batching key of a decompress job."""
+        padded_h, padded_w = self.require_codec().padded_shape(header.height, header.width)
+        return BatchKey(DECOMPRESS, float(header.quality), padded_h, padded_w)
+
+    def read_header(self, data: bytes) -> Header:
+        """Parse a stream's header within the pixel limit and check that this model made it.
+
+        Raises:
+            StreamTooLargeError: the header is well formed but declares more than ``max_pixels`` pixels.
+            ModelMismatchError: another model (or other weights) made the stream.
+            BitstreamError: anything else wrong with the header.
+        """
+        from model.bitstream import BitstreamError
+
+        codec = self.require_codec()
+        try:
+            header = codec.read_header(data, max_pixels=self.settings.max_pixels)
+        except BitstreamError:
+            try:
+                probe = codec.read_header(data, max_pixels=_HEADER_PROBE_PIXELS)
+            except BitstreamError:
+                probe = None
+            if probe is not None and probe.pixels > self.settings.max_pixels:
+                raise StreamTooLargeError(probe) from None
+            raise
+        if header.model_id != codec.model_id or header.weights_digest.hex() != codec.weights_digest:
+            raise ModelMismatchError(
+                f"the stream was made by {header.model_id}@{header.weights_digest.hex()}, "
+                f"this server runs {codec.model_id}@{codec.weights_digest}"
+            )
+        return header
+
+    # -- batch execution (worker thread) ------------------------------------------------------
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[Any]:
+        """Run jobs sharing one :class:`BatchKey`: images to streams, or streams to images."""
+        codec = self.require_codec()
+        key: BatchKey = jobs[0].key
+        timings: dict[str, float] = {}
+        results: list[Any]
+        if key.operation == COMPRESS:
+            results = list(codec.compress_batch([job.payload for job in jobs], key.quality, timings=timings))
+        else:
+            payloads = [job.payload for job in jobs]
+            results = list(
+                codec.decompress_batch(payloads, timings=timings, max_pixels=self.settings.max_pixels)
+            )
+        self.metrics.observe_timings(key.operation, timings)
+        return results
+
+    def observe_batch(self, jobs: Sequence[Job]) -> None:
+        """Record the size of a batch about to run and how long its jobs waited."""
+        operation = jobs[0].key.operation
+        self.metrics.batch_size.labels(operation=operation).observe(len(jobs))
+        wait = self.metrics.queue_wait.labels(operation=operation)
+        for job in jobs:
+            wait.observe(job.started - job.enqueued)
+
+
+def bits_per_pixel(stream: bytes, image: np.ndarray) -> float:
+    """Bits per pixel of ``stream`` for ``image`` (H, W, 3)."""
+    height, width = image.shape[:2]
+    return len(stream) * 8.0 / (height * width)

@@ -1,0 +1,99 @@
+"""JSON error responses: the error-code enum, the service exception and the exception handlers."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.metrics import Metrics
+
+
+class ErrorCode(StrEnum):
+    """The fixed set of ``error`` values in JSON error bodies (and of ``lalic_errors_total{code}``)."""
+
+    BAD_BITSTREAM = "bad_bitstream"
+    MODEL_MISMATCH = "model_mismatch"
+    BAD_IMAGE = "bad_image"
+    IMAGE_TOO_SMALL = "image_too_small"
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    INVALID_PARAMETER = "invalid_parameter"
+    INTERNAL_ERROR = "internal_error"
+    NOT_READY = "not_ready"
+    QUEUE_FULL = "queue_full"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    SHUTTING_DOWN = "shutting_down"
+
+
+class ServiceError(Exception):
+    """A client-visible failure: HTTP status, error code, human-readable detail and extra headers."""
+
+    def __init__(
+        self, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def unavailable(code: ErrorCode, detail: str, retry_after_s: float = 1.0) -> ServiceError:
+    """A 503 error with a ``Retry-After`` header (whole seconds, at least 1)."""
+    return ServiceError(503, code, detail, {"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+def error_response(
+    metrics: Metrics, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """Build the ``{"error": code, "detail": text}`` response and count it."""
+    metrics.errors_total.labels(code=code.value).inc()
+    return JSONResponse({"error": code.value, "detail": detail}, status_code=status, headers=headers)
+
+
+_HTTP_CODES = {
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    422: ErrorCode.INVALID_PARAMETER,
+}
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    """One line naming each invalid parameter, without echoing request bodies."""
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(item) for item in error.get("loc", ()) if item not in ("query", "body"))
+        parts.append(f"{location or 'request'}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request parameters"
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Register handlers that turn service, validation and routing errors into JSON bodies.
+
+    Unexpected exceptions are caught by :class:`service.middleware.ErrorGuardMiddleware`.
+    """
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(metrics, exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(metrics, 422, ErrorCode.INVALID_PARAMETER, _describe_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.BAD_REQUEST)
+        if exc.status_code >= 500:
+            code = ErrorCode.INTERNAL_ERROR
+        return error_response(metrics, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))

@@ -1,0 +1,211 @@
+"""HTTP endpoints: /compress, /decompress, /v1/models, /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from model.bitstream import BitstreamError
+from service.body import MULTIPART_FORM, extract_form_file, media_type_of, read_body
+from service.engine import ModelMismatchError, StreamTooLargeError, bits_per_pixel
+from service.errors import ErrorCode, ServiceError
+from service.formats import FORMAT_ALIASES, encode_image, negotiate
+from service.images import INPUT_MEDIA_TYPES, decode_image, is_input_media_type
+from service.metrics import quality_label
+from service.middleware import QUALITY_STATE_KEY
+from service.runtime import Runtime, get_runtime
+
+BITSTREAM_MEDIA_TYPE = "application/x-lalic"
+BITSTREAM_INPUT_TYPES = frozenset({BITSTREAM_MEDIA_TYPE, "application/octet-stream", ""})
+IMAGE_FIELD = "image"
+
+router = APIRouter()
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def _set_quality_label(request: Request, quality: float) -> str:
+    """Label the request's metrics with ``quality`` and return the label."""
+    label = quality_label(quality)
+    setattr(request.state, QUALITY_STATE_KEY, label)
+    return label
+
+
+def _format_quality(quality: float) -> str:
+    """``3`` for whole qualities, else the shortest exact float text."""
+    return str(int(quality)) if float(quality).is_integer() else repr(float(quality))
+
+
+def _unsupported_media_type(media_type: str, accepted: list[str]) -> ServiceError:
+    shown = media_type or "none"
+    return ServiceError(
+        415,
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        f"Content-Type {shown} is not accepted; use one of {', '.join(accepted)}",
+    )
+
+
+async def _read_image_bytes(request: Request, runtime: Runtime) -> bytes:
+    """The encoded image: the raw body (image/* type) or the ``image`` field of a multipart form."""
+    content_type = request.headers.get("content-type", "")
+    media_type = media_type_of(content_type)
+    accepted = [*INPUT_MEDIA_TYPES, MULTIPART_FORM]
+    if media_type == MULTIPART_FORM:
+        body = await read_body(request, runtime.settings.max_body_bytes)
+        part = await run_in_threadpool(extract_form_file, body, content_type, IMAGE_FIELD)
+        if part.media_type not in ("", "application/octet-stream") and not is_input_media_type(
+            part.media_type
+        ):
+            raise _unsupported_media_type(part.media_type, accepted)
+        return part.data
+    if not is_input_media_type(media_type):
+        raise _unsupported_media_type(media_type, accepted)
+    return await read_body(request, runtime.settings.max_body_bytes)
+
+
+@router.post(
+    "/compress",
+    response_class=Response,
+    responses={200: {"content": {BITSTREAM_MEDIA_TYPE: {}}, "description": "The LALIC bitstream."}},
+    summary="Compress an image to a LALIC bitstream",
+)
+async def compress(
+    request: Request,
+    runtime: RuntimeDep,
+    quality: Annotated[
+        float,
+        Query(
+            ge=1.0,
+            le=6.0,
+            allow_inf_nan=False,
+            description="Quality 1 (smallest) .. 6 (best); any value between.",
+        ),
+    ],
+) -> Response:
+    """Compress the request image (raw image body or multipart field ``image``) at ``quality``."""
+    label = _set_quality_label(request, quality)
+    settings = runtime.settings
+    if not settings.quality_served(quality):
+        raise ServiceError(
+            422,
+            ErrorCode.INVALID_PARAMETER,
+            f"quality {quality:g} is not served (loaded: {list(settings.qualities)})",
+        )
+    engine = runtime.require_ready()
+    deadline = runtime.deadline_of(request)
+    data = await _read_image_bytes(request, runtime)
+    image = await run_in_threadpool(
+        decode_image, data, max_pixels=settings.max_pixels, min_side=settings.min_side
+    )
+    height, width = image.shape[:2]
+    stream: bytes = await runtime.run(engine.compress_key(height, width, quality), image, deadline)
+    bpp = bits_per_pixel(stream, image)
+    runtime.metrics.bits_per_pixel.labels(quality=label).observe(bpp)
+    headers = {
+        "X-Lalic-Quality": _format_quality(quality),
+        "X-Lalic-Width": str(width),
+        "X-Lalic-Height": str(height),
+        "X-Lalic-Bytes": str(len(stream)),
+        "X-Lalic-Bpp": f"{bpp:.6f}",
+    }
+    return Response(stream, media_type=BITSTREAM_MEDIA_TYPE, headers=headers)
+
+
+@router.post(
+    "/decompress",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}, "description": "The image."}
+    },
+    summary="Decompress a LALIC bitstream to an image",
+)
+async def decompress(
+    request: Request,
+    runtime: RuntimeDep,
+    output_format: Annotated[
+        Literal["png", "webp", "jpeg", "jpg"] | None,
+        Query(alias="format", description="Output format; overrides Accept. Default PNG."),
+    ] = None,
+) -> Response:
+    """Decode the bitstream body; the image format follows ``format``, else ``Accept``, else PNG."""
+    engine = runtime.require_ready()
+    deadline = runtime.deadline_of(request)
+    media_type = media_type_of(request.headers.get("content-type"))
+    if media_type not in BITSTREAM_INPUT_TYPES:
+        raise _unsupported_media_type(media_type, [BITSTREAM_MEDIA_TYPE, "application/octet-stream"])
+    data = await read_body(request, runtime.settings.max_body_bytes)
+    try:
+        header = engine.read_header(data)
+    except StreamTooLargeError as exc:
+        raise ServiceError(
+            413, ErrorCode.TOO_MANY_PIXELS, f"{exc}, above the limit of {runtime.settings.max_pixels}"
+        ) from None
+    except ModelMismatchError as exc:
+        raise ServiceError(400, ErrorCode.MODEL_MISMATCH, str(exc)) from None
+    except BitstreamError as exc:
+        raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
+    _set_quality_label(request, header.quality)
+    try:
+        image = await runtime.run(engine.decompress_key(header), data, deadline)
+    except ValueError as exc:  # BitstreamError, or the codec refusing what the stream asks for
+        raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
+    fmt = negotiate(FORMAT_ALIASES[output_format] if output_format else None, request.headers.get("accept"))
+    body = await run_in_threadpool(encode_image, image, fmt)
+    headers = {
+        "Vary": "Accept",
+        "X-Lalic-Quality": _format_quality(header.quality),
+        "X-Lalic-Width": str(header.width),
+        "X-Lalic-Height": str(header.height),
+        "X-Lalic-Bytes": str(len(data)),
+        "X-Lalic-Bpp": f"{len(data) * 8.0 / header.pixels:.6f}",
+    }
+    return Response(body, media_type=fmt.media_type, headers=headers)
+
+
+@router.get("/v1/models", summary="The loaded model")
+async def models(runtime: RuntimeDep) -> dict[str, Any]:
+    """Model id, weights digest, qualities, device and backend (503 until loaded)."""
+    engine = runtime.require_ready()
+    codec = engine.require_codec()
+    return {
+        "models": [
+            {
+                "id": codec.model_id,
+                "weights_digest": codec.weights_digest,
+                "qualities": list(engine.warmed),
+                "quality_range": [min(engine.warmed), max(engine.warmed)],
+                "device": codec.device,
+                "backend": codec.backend,
+            }
+        ]
+    }
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    """200 while the process serves HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness")
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """200 once every quality is loaded and warmed up; 503 before (or when loading failed)."""
+    engine = runtime.engine
+    if engine.ready and not runtime.worker.closing:
+        return JSONResponse({"status": "ready", "qualities": list(engine.warmed)})
+    state = "shutting_down" if runtime.worker.closing else engine.state.value
+    detail = "the service is shutting down" if runtime.worker.closing else engine.describe_state()
+    return JSONResponse(
+        {"error": ErrorCode.NOT_READY.value, "detail": detail, "status": state},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus text exposition of this app's registry."""
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

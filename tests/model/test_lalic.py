@@ -1,0 +1,63 @@
+"""The network: configurations, the paper model on CPU, training forward, variable-rate gains."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.codec import Codec
+from model.configs import CONFIGS, get_config
+from model.lalic import LALIC
+
+
+def test_paper_configuration_parameter_count() -> None:
+    net = LALIC(get_config("lalic"))
+    count = sum(p.numel() for p in net.parameters())
+    assert abs(count - 65.6e6) / 65.6e6 < 0.02, count
+    assert not net.config.variable_rate
+
+
+def test_paper_model_runs_on_cpu() -> None:
+    torch.manual_seed(0)
+    net = LALIC(get_config("lalic"))
+    x = torch.rand(1, 3, 64, 64)
+    out = net(x)
+    assert out["x_hat"].shape == x.shape
+    assert out["likelihoods"]["y"].shape == (1, 320, 4, 4)
+    assert out["likelihoods"]["z"].shape == (1, 192, 1, 1)
+    codec = Codec(net)
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    data = codec.compress(image, 6)
+    assert codec.read_header(data).model_id == "lalic"
+    assert codec.decompress(data).shape == (64, 64, 3)
+
+
+def test_training_forward_gives_gradients_everywhere() -> None:
+    torch.manual_seed(0)
+    net = LALIC(get_config("lalic-s")).train()
+    x = torch.rand(2, 3, 128, 128)
+    out = net(x, torch.tensor([1.0, 6.0]))
+    lik = out["likelihoods"]
+    assert set(lik) == {"y", "z"}
+    for v in lik.values():
+        assert ((v > 0) & (v <= 1)).all()
+    bpp = sum(-torch.log2(v).sum() for v in lik.values()) / (2 * 128 * 128)
+    loss = bpp + 0.01 * (out["x_hat"] - x).square().mean()
+    loss.backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None and not n.endswith("quantiles")]
+    assert not missing, missing
+    assert net.aux_loss().item() > 0
+
+
+def test_gains_interpolate_geometrically() -> None:
+    net = LALIC(get_config("lalic-s"))
+    g2, g25, g3 = (net.gain(torch.tensor([q])) for q in (2.0, 2.5, 3.0))
+    assert torch.allclose(g25, (g2 * g3).sqrt(), rtol=1e-5)
+    assert torch.allclose(net.gain(torch.tensor([6.0])), torch.exp(net.log_gain[5])[None, :, None, None])
+
+
+def test_configs_are_consistent() -> None:
+    for name, cfg in CONFIGS.items():
+        assert cfg.name == name
+        assert sum(cfg.slices) == cfg.latent
+        assert len(cfg.lambdas) == 6

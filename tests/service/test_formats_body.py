@@ -1,0 +1,91 @@
+"""Output format negotiation and encoding, multipart extraction, metric labels."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from service.body import extract_form_file, media_type_of
+from service.errors import ServiceError
+from service.formats import OutputFormat, encode_image, negotiate
+from service.metrics import endpoint_label, quality_label, status_class
+
+
+@pytest.mark.parametrize(
+    ("format_param", "accept", "expected"),
+    [
+        (None, None, OutputFormat.PNG),
+        (None, "*/*", OutputFormat.PNG),
+        (None, "image/webp", OutputFormat.WEBP),
+        (None, "image/avif,image/webp,image/*,*/*;q=0.8", OutputFormat.WEBP),
+        (None, "image/png;q=0.5, image/jpeg", OutputFormat.JPEG),
+        (None, "image/jpeg;q=0, image/webp;q=0.1", OutputFormat.WEBP),
+        (None, "text/html", OutputFormat.PNG),
+        (OutputFormat.JPEG, "image/webp", OutputFormat.JPEG),
+    ],
+)
+def test_negotiate(format_param: OutputFormat | None, accept: str | None, expected: OutputFormat) -> None:
+    assert negotiate(format_param, accept) is expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_negotiate_never_fails(accept: str) -> None:
+    assert negotiate(None, accept) in OutputFormat
+
+
+@pytest.mark.parametrize("fmt", list(OutputFormat))
+def test_encode_image(fmt: OutputFormat) -> None:
+    image = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    decoded = Image.open(io.BytesIO(encode_image(image, fmt)))
+    assert decoded.format == fmt.name and decoded.size == (23, 17)
+    if fmt is OutputFormat.PNG:
+        assert np.array_equal(np.asarray(decoded.convert("RGB")), image)
+
+
+def multipart(files: dict[str, tuple[str | None, bytes, str | None]]) -> tuple[bytes, str]:
+    request = httpx.Request("POST", "http://x/", files=files)
+    return request.read(), request.headers["content-type"]
+
+
+def test_extract_form_file() -> None:
+    body, content_type = multipart(
+        {"other": ("a.txt", b"x", "text/plain"), "image": ("a.png", b"\x89PNG\r\n", "image/png")}
+    )
+    part = extract_form_file(body, content_type, "image")
+    assert part.data == b"\x89PNG\r\n" and part.media_type == "image/png"
+    body, content_type = multipart({"image": (None, b"raw\r\n--bytes", None)})
+    assert extract_form_file(body, content_type, "image").data == b"raw\r\n--bytes"
+
+
+def test_extract_form_file_errors() -> None:
+    body, content_type = multipart({"picture": ("a.png", b"data", "image/png")})
+    with pytest.raises(ServiceError) as missing:
+        extract_form_file(body, content_type, "image")
+    assert missing.value.status == 422
+    with pytest.raises(ServiceError) as no_boundary:
+        extract_form_file(body, "multipart/form-data", "image")
+    assert no_boundary.value.status == 400
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_extract_form_file_only_raises_service_errors(body: bytes) -> None:
+    try:
+        extract_form_file(b"--b\r\n" + body, "multipart/form-data; boundary=b", "image")
+    except ServiceError as exc:
+        assert exc.status in (400, 422)
+
+
+def test_labels_are_bounded() -> None:
+    assert media_type_of("Image/PNG; charset=x") == "image/png" and media_type_of(None) == ""
+    assert [quality_label(q) for q in (1.0, 1.49, 2.5, 3.5, 6.0, None)] == ["1", "1", "2", "4", "6", "none"]
+    assert endpoint_label("/compress") == "compress" and endpoint_label("/v1/models/") == "models"
+    assert endpoint_label("/etc/passwd") == "other"
+    assert [status_class(s) for s in (200, 304, 404, 503)] == ["2xx", "2xx", "4xx", "5xx"]

@@ -1,0 +1,118 @@
+"""Round trips through the real server equal the codec's own results, byte for byte."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.service.helpers import LALIC, PNG, Server, decode, encode, test_image
+
+QUALITIES = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 2.5]
+
+
+@pytest.mark.parametrize("quality", QUALITIES)
+def test_roundtrip_matches_the_codec(main_server: Server, codec: Any, quality: float) -> None:
+    image = test_image(70, 90, seed=int(quality * 10))
+    with main_server.client() as http:
+        compressed = http.post(f"/compress?quality={quality}", content=encode(image), headers=PNG)
+        assert compressed.status_code == 200, compressed.text
+        stream = compressed.content
+        assert compressed.headers["content-type"] == "application/x-lalic"
+        assert stream == codec.compress(image, quality)
+        headers = compressed.headers
+        assert float(headers["x-lalic-quality"]) == quality
+        assert (headers["x-lalic-width"], headers["x-lalic-height"]) == ("90", "70")
+        assert int(headers["x-lalic-bytes"]) == len(stream)
+        assert float(headers["x-lalic-bpp"]) == pytest.approx(len(stream) * 8 / (70 * 90), rel=1e-5)
+
+        restored = http.post("/decompress", content=stream, headers=LALIC)
+        assert restored.status_code == 200, restored.text
+        assert restored.headers["content-type"] == "image/png"
+        assert "accept" in restored.headers["vary"].lower()
+        assert np.array_equal(decode(restored.content), codec.decompress(stream))
+
+
+def test_multipart_upload_equals_raw_body(main_server: Server) -> None:
+    data = encode(test_image(64, 64, seed=5))
+    with main_server.client() as http:
+        raw = http.post("/compress?quality=3", content=data, headers=PNG)
+        form = http.post("/compress?quality=3", files={"image": ("x.png", data, "image/png")})
+        unnamed = http.post("/compress?quality=3", files={"image": ("x", data, "application/octet-stream")})
+    assert raw.status_code == form.status_code == unnamed.status_code == 200
+    assert raw.content == form.content == unnamed.content
+
+
+@pytest.mark.parametrize(
+    ("fmt", "media_type", "options"),
+    [
+        ("JPEG", "image/jpeg", {"quality": 90}),
+        ("WEBP", "image/webp", {"lossless": True}),
+        ("TIFF", "image/tiff", {}),
+        ("BMP", "image/bmp", {}),
+        ("AVIF", "image/avif", {}),
+    ],
+)
+def test_input_formats(
+    main_server: Server, codec: Any, fmt: str, media_type: str, options: dict[str, Any]
+) -> None:
+    from PIL import features
+
+    if fmt == "AVIF" and not features.check("avif"):
+        pytest.skip("Pillow without AVIF")
+    data = encode(test_image(48, 40, seed=7), fmt, **options)
+    expected = codec.compress(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), 2.0)
+    with main_server.client() as http:
+        response = http.post("/compress?quality=2", content=data, headers={"content-type": media_type})
+    assert response.status_code == 200, response.text
+    assert response.content == expected
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P"])
+def test_pixel_modes_are_converted(main_server: Server, mode: str) -> None:
+    pil = Image.fromarray(test_image(33, 47, seed=3)).convert(mode)
+    with main_server.client() as http:
+        response = http.post("/compress?quality=4", content=encode(pil), headers=PNG)
+    assert response.status_code == 200, response.text
+    assert (response.headers["x-lalic-width"], response.headers["x-lalic-height"]) == ("47", "33")
+
+
+def test_output_formats_follow_format_then_accept(main_server: Server) -> None:
+    with main_server.client() as http:
+        stream = http.post("/compress?quality=3", content=encode(test_image(40, 40)), headers=PNG).content
+        cases = [
+            ({}, "", "image/png"),
+            ({"accept": "image/webp,*/*;q=0.8"}, "", "image/webp"),
+            ({"accept": "image/jpeg"}, "", "image/jpeg"),
+            ({"accept": "image/webp"}, "?format=png", "image/png"),
+            ({}, "?format=jpg", "image/jpeg"),
+        ]
+        for headers, query, media_type in cases:
+            response = http.post(f"/decompress{query}", content=stream, headers=headers)
+            assert response.status_code == 200, response.text
+            assert response.headers["content-type"] == media_type
+            assert response.headers["vary"] == "Accept"
+            assert Image.open(io.BytesIO(response.content)).size == (40, 40)
+
+
+def test_smallest_images(main_server: Server, codec: Any) -> None:
+    image = test_image(2, 3, seed=1)
+    with main_server.client() as http:
+        response = http.post("/compress?quality=6", content=encode(image), headers=PNG)
+        assert response.status_code == 200, response.text
+        assert response.content == codec.compress(image, 6.0)
+        restored = http.post("/decompress", content=response.content)
+    assert decode(restored.content).shape == (2, 3, 3)
+
+
+def test_models_endpoint(main_server: Server, codec: Any) -> None:
+    with main_server.client() as http:
+        body = http.get("/v1/models").json()
+    (model,) = body["models"]
+    assert model["id"] == codec.model_id
+    assert model["weights_digest"] == codec.weights_digest
+    assert model["qualities"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert model["device"] == "cpu" and model["backend"] == "torch"

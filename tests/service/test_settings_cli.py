@@ -1,0 +1,83 @@
+"""Settings from LALIC_* variables and CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from service.cli import MALLOC_THRESHOLD, add_serve_arguments, settings_from_args
+from service.settings import Settings
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return add_serve_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_defaults_follow_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("LALIC_"):
+            monkeypatch.delenv(name)
+    settings = Settings()
+    assert settings.qualities == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    assert (settings.max_batch_size, settings.max_batch_delay_ms, settings.queue_size) == (8, 5.0, 64)
+    assert settings.max_body_bytes == 50_000_000 and settings.request_timeout_s == 30.0
+    assert settings.model == "lalic-s" and settings.weights is None and not settings.random_weights
+    assert settings.device == "auto" and settings.backend == "torchscript"
+
+
+def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LALIC_QUALITIES", "3, 1,3")
+    monkeypatch.setenv("LALIC_RANDOM_WEIGHTS", "true")
+    monkeypatch.setenv("LALIC_MAX_BATCH_DELAY_MS", "12.5")
+    monkeypatch.setenv("LALIC_LOG_LEVEL", "DEBUG")
+    settings = Settings()
+    assert settings.qualities == (1.0, 3.0)
+    assert settings.random_weights and settings.max_batch_delay_s == pytest.approx(0.0125)
+    assert settings.log_level == "debug"
+    monkeypatch.setenv("LALIC_QUALITIES", "[2, 4]")
+    assert Settings().qualities == (2.0, 4.0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"qualities": "2.5"},
+        {"qualities": "0,1"},
+        {"qualities": ""},
+        {"device": "tpu"},
+        {"backend": "tensorrt"},
+        {"max_batch_size": 0},
+        {"weights": "w.pt", "random_weights": True},
+    ],
+)
+def test_invalid_settings_are_refused(overrides: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**overrides)
+
+
+def test_quality_served_needs_both_neighbouring_anchors() -> None:
+    settings = Settings(qualities="1,2,3,6")
+    assert settings.quality_served(1.0) and settings.quality_served(2.5) and settings.quality_served(6.0)
+    assert not settings.quality_served(3.5) and not settings.quality_served(6.5)
+    assert not settings.quality_served(0.99)
+
+
+def test_every_setting_has_a_flag_and_flags_beat_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LALIC_PORT", "9001")
+    monkeypatch.setenv("LALIC_QUEUE_SIZE", "7")
+    args = parse(["--port", "9002", "--qualities", "1,2", "--random-weights", "--device", "cpu"])
+    settings = settings_from_args(args)
+    assert settings.port == 9002 and settings.queue_size == 7  # flag beats env; env beats default
+    assert settings.qualities == (1.0, 2.0) and settings.random_weights and settings.device == "cpu"
+    help_text = add_serve_arguments(argparse.ArgumentParser()).format_help()
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in help_text
+
+
+def test_malloc_thresholds_are_exported_for_child_processes() -> None:
+    for variable in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        assert int(os.environ[variable]) > 0
+    assert MALLOC_THRESHOLD == 4294967296
