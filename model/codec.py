@@ -34,6 +34,7 @@ from model.coder import CoderError, SymbolDecoder, SymbolEncoder
 from model.configs import get_config
 from model.export import BACKENDS, load_stages
 from model.lalic import LALIC, PAD_MULTIPLE
+from model.tiling import compress_tiled, decompress_tiled, needs_tiling
 
 STAGES = ("analysis", "hyper", "entropy_parameters", "synthesis", "entropy_coding")
 
@@ -173,6 +174,8 @@ class Codec:
         for img in images:
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
                 raise ValueError(f"expected a uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
+        if any(needs_tiling(*img.shape[:2]) for img in images):  # large images: tile by tile
+            return [self._compress_large(img, q, timings) for img in images]
         shapes = {padded_size(*img.shape[:2]) for img in images}
         if len(shapes) != 1:
             raise ValueError(f"images in one batch must share a padded shape, got {sorted(shapes)}")
@@ -283,6 +286,9 @@ class Codec:
         """Decode streams of one padded shape and quality; raises BitstreamError on any fault."""
         if not streams:
             return []
+        tiled = [unpack(bytes(d), max_pixels=max_pixels) for d in streams]
+        if any(h.tiling != (0, 0, 0) for h, _ in tiled):
+            return [self._decompress_large(h, parts, timings, max_pixels) for h, parts in tiled]
         parsed = [self._parse(bytes(d), max_pixels) for d in streams]
         keys = {(padded_size(h.height, h.width), h.quality) for h, _ in parsed}
         if len(keys) != 1:
@@ -296,6 +302,23 @@ class Codec:
                 pixels = x_hat.mul_(255).round_().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
                 images.append(np.ascontiguousarray(pixels[: h.height, : h.width]))
         return images
+
+    def _compress_large(self, image: np.ndarray, quality: float, timings) -> bytes:
+        if needs_tiling(*image.shape[:2]):
+            code = lambda tile, q: self.compress_batch([tile], q, timings)[0]  # noqa: E731
+            return compress_tiled(image, quality, code, self.read_header)
+        return self.compress_batch([image], quality, timings)[0]
+
+    def _decompress_large(self, header: Header, parts: list[bytes], timings, max_pixels: int) -> np.ndarray:
+        if header.tiling == (0, 0, 0):
+            return self.decompress_batch([pack(header, parts)], timings, max_pixels)[0]
+        if header.model_id != self.model_id or header.weights_digest != self.digest:
+            raise BitstreamError(
+                f"stream was made by {header.model_id}@{header.weights_digest.hex()}, "
+                f"this codec is {self.model_id}@{self.weights_digest}"
+            )
+        decode = lambda tile: self.decompress_batch([tile], timings, max_pixels)[0]  # noqa: E731
+        return decompress_tiled(header, parts, decode, lambda d: read_header(d, max_pixels=max_pixels))
 
     @torch.inference_mode()
     def decode_latents(self, data: bytes, max_pixels: int = 100_000_000) -> tuple[torch.Tensor, list]:

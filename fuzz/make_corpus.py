@@ -1,0 +1,105 @@
+"""Write the fuzzers' seed corpus: real LALIC bitstreams of small images at every quality.
+
+The streams come from ``Codec.random("lalic-s", seed=0)`` (the codec the decoder target runs), so
+every seed decodes: the fuzzer starts from inputs that reach the range decoder and the network.
+Images are at most 64x64 (one 64x64 padded block, a few tens of milliseconds per decode) and the
+streams are a few KB at most.
+
+    python fuzz/make_corpus.py            # rewrites fuzz/corpus/
+    python fuzz/make_corpus.py --check    # exit 1 if fuzz/corpus/ is missing or stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from model.codec import Codec
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+MODEL = "lalic-s"
+SEED = 0
+QUALITIES = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 2.5, 4.75)
+"""Every anchor quality, and two in between (interpolated gains)."""
+SIZES = ((64, 64), (1, 1), (17, 50), (64, 3))
+"""(height, width): the 64x64 block, the smallest image, and padded odd shapes."""
+
+
+def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
+    """Gradients plus a little noise, uint8 (H, W, 3): cheap to code, like a photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    planes = [127 + 100 * np.sin(x / (5 + 2 * c) + phase[c]) * np.cos(y / (9 + c)) for c in range(3)]
+    image = np.stack(planes, axis=-1) + rng.normal(0, 6, (height, width, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def noise_image(height: int, width: int, seed: int) -> np.ndarray:
+    """Uniform noise, uint8 (H, W, 3): the most expensive content (many escapes, long streams)."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def seeds(codec: Codec) -> Iterator[tuple[str, bytes]]:
+    """(file name, bitstream) for every seed."""
+    for quality in QUALITIES:
+        tag = f"q{quality:g}".replace(".", "_")
+        yield f"{tag}-smooth-64x64.lalic", codec.compress(smooth_image(64, 64, 1), quality)
+        yield f"{tag}-noise-64x64.lalic", codec.compress(noise_image(64, 64, 2), quality)
+    for height, width in SIZES[1:]:
+        for quality in (1.0, 6.0):
+            image = smooth_image(height, width, 3)
+            yield f"q{quality:g}-smooth-{height}x{width}.lalic", codec.compress(image, quality)
+
+
+def make_codec() -> Codec:
+    """The codec the decoder target uses (random weights, seed 0, eager torch, one thread)."""
+    import torch
+
+    from model.codec import Codec
+
+    torch.set_num_threads(1)
+    return Codec.random(MODEL, seed=SEED, device="cpu", backend="torch")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write (or ``--check``) the corpus; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=CORPUS_DIR, help="corpus folder (default: fuzz/corpus)")
+    parser.add_argument("--check", action="store_true", help="only check that the corpus is up to date")
+    args = parser.parse_args(argv)
+    wanted = dict(seeds(make_codec()))
+    if args.check:
+        present = {path.name: path.read_bytes() for path in args.out.glob("*.lalic")}
+        if present != wanted:
+            stale = sorted(set(wanted) ^ set(present) | {n for n in wanted if present.get(n) != wanted[n]})
+            print(f"{args.out} is stale ({len(stale)} files differ); run python fuzz/make_corpus.py")
+            return 1
+        print(f"{args.out}: {len(wanted)} seeds up to date")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.glob("*.lalic"):
+        old.unlink()
+    for name, data in wanted.items():
+        (args.out / name).write_bytes(data)
+    total = sum(len(data) for data in wanted.values())
+    print(
+        f"wrote {len(wanted)} seeds ({total} bytes, largest {max(map(len, wanted.values()))}) to {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""A short fuzzing budget in CI: the atheris targets run in subprocesses and must find no crash.
+
+The long campaign (``fuzz/campaign.sh``) and its results are in bench/results/fuzz.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from fuzz.fuzz_decoder import CORPUS_DIR, Guard, InputTimeoutError, InvariantError, repair_crcs
+from model.bitstream import BitstreamError, unpack
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "fuzz" / "fuzz_decoder.py"
+PARSER_RUNS = 20_000
+DECODER_RUNS = 1000
+BUDGET_S = 60.0
+needs_atheris = pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="no atheris")
+
+
+def run_fuzzer(tmp_path: Path, target: str, runs: int) -> tuple[str, dict[str, object]]:
+    """Fuzz ``target`` for ``runs`` inputs; returns the output and the last JSON statistics line."""
+    command = [sys.executable, str(SCRIPT), "--target", target, "--runs", str(runs), "--seed", "7"]
+    command += ["--work-dir", str(tmp_path / "work"), "--artifacts", str(tmp_path / "crashes")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=BUDGET_S * 2, env=env, cwd=REPO)
+    elapsed = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert list((tmp_path / "crashes").iterdir()) == [], output[-4000:]
+    assert f"#{runs}\tDONE" in output, output[-4000:]
+    assert elapsed < BUDGET_S, f"{target}: {runs} inputs took {elapsed:.0f} s"
+    stats = [line.split(" ", 1)[1] for line in output.splitlines() if line.startswith("lalic-fuzz {")]
+    return output, json.loads(stats[-1])
+
+
+def test_seed_corpus_is_current() -> None:
+    """Stale seeds (other weights, another format) would all stop at the first check: regenerate them."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "fuzz" / "make_corpus.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_atheris
+def test_parser_target_short(tmp_path: Path) -> None:
+    _, stats = run_fuzzer(tmp_path, "parser", PARSER_RUNS)
+    assert stats["inputs"] == PARSER_RUNS and stats["accepted"] >= 1
+
+
+@needs_atheris
+def test_decoder_target_short(tmp_path: Path) -> None:
+    _, stats = run_fuzzer(tmp_path, "decoder", DECODER_RUNS)
+    assert stats["inputs"] == DECODER_RUNS
+    assert stats["accepted"] >= len(list(CORPUS_DIR.glob("*.lalic")))  # every seed decodes
+
+
+def test_repair_crcs_reaches_past_the_checksums() -> None:
+    for seed in sorted(CORPUS_DIR.glob("*.lalic")):
+        data = seed.read_bytes()
+        assert repair_crcs(data) == data
+    data = bytearray((CORPUS_DIR / "q3-smooth-64x64.lalic").read_bytes())
+    data[-5] ^= 0x5A
+    with pytest.raises(BitstreamError, match="payload CRC"):
+        unpack(bytes(data))
+    unpack(repair_crcs(bytes(data)))  # the mutation now reaches the range decoder
+    data[20] ^= 0x01  # a header byte (the quality)
+    assert zlib.crc32(repair_crcs(bytes(data))) != zlib.crc32(bytes(data))
+    for short in (b"", b"LALC", b"LALC\x01\x00\x07lalic-s", b"nope" * 40):
+        assert repair_crcs(short) == short
+
+
+def test_the_guard_turns_slow_inputs_and_stray_exceptions_into_crashes() -> None:
+    def spin(_: bytes) -> str:
+        end = time.process_time() + 5
+        while time.process_time() < end:
+            pass
+        return "accepted"
+
+    def swallow(_: bytes) -> str:  # like code that wraps every BaseException into its own error
+        try:
+            spin(b"")
+        except BaseException:
+            return "rejected"
+        return "accepted"
+
+    def wrong_error(_: bytes) -> str:
+        raise IndexError("not a BitstreamError")
+
+    for target, error in ((spin, InputTimeoutError), (swallow, InputTimeoutError), (wrong_error, IndexError)):
+        guard = Guard(target, "test", time_limit_s=0.2, rss_limit_mb=1 << 20)
+        with pytest.raises(error):
+            guard(b"x")
+    ok = Guard(lambda _: "accepted", "test", time_limit_s=0.2, rss_limit_mb=1 << 20)
+    ok(b"x")
+    assert ok.summary()["accepted"] == 1
+    assert issubclass(InvariantError, AssertionError)
