@@ -188,7 +188,9 @@ def script_stage(module: nn.Module) -> torch.jit.ScriptModule:
     Freezing kept every output bit-identical to eager PyTorch here and made g_s 20 % faster
     (768x512, 2 threads: 211 -> 167 ms; the Spatial Mix went 130 -> 91 ms on one core).
     """
-    return torch.jit.freeze(torch.jit.script(module.eval()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.freeze(torch.jit.script(module.eval()))
 
 def code_fingerprint() -> str:
     """Hash of the network code, torch version and opset: exports from other code are stale."""
@@ -227,7 +229,9 @@ def export_stages(
                 progress(name)
             path = tmp / f"{name}{_suffix(fmt)}"
             if fmt == "torchscript":
-                torch.jit.save(script_stage(module), str(path))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    torch.jit.save(script_stage(module), str(path))
             else:
                 _export_onnx(module, example_inputs(net, name), _dynamic_shapes(name), path)
             files[name] = path.name
@@ -345,7 +349,25 @@ def _onnx_export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple) ->
 
 @functools.cache
 def biwkv_function() -> tuple[Any, ...]:
-    """ONNX FunctionProtos: ``lalic.BiWKV`` (from :func:`biwkv_branch_free`) and what it calls."""
+    """ONNX FunctionProtos: ``lalic.BiWKV`` (from :func:`biwkv_branch_free`) and what it calls.
+
+    Cached on disk next to the exports (one model file holding the functions).
+    """
+    import onnx
+
+    path = _cache_root() / "export" / f"biwkv-{code_fingerprint()}.onnx"
+    if path.exists():
+        return tuple(onnx.load(str(path)).functions)
+    functions = _export_biwkv_function()
+    holder = onnx.helper.make_model(onnx.helper.make_graph([], "biwkv", [], []), functions=functions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    onnx.save(holder, str(tmp))
+    tmp.replace(path)
+    return functions
+
+
+def _export_biwkv_function() -> tuple[Any, ...]:
     from onnx import helper
 
     c = 8
@@ -393,9 +415,13 @@ def read_manifest(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("LALIC_CACHE", Path.home() / ".cache" / "lalic"))
+
+
 def cache_dir(model_id: str, digest: str, fmt: str) -> Path:
-    root = Path(os.environ.get("LALIC_CACHE", Path.home() / ".cache" / "lalic"))
-    return root / "export" / f"{model_id}-{digest}-{code_fingerprint()}" / fmt
+    """Where the per-weights export of the current code lives (``LALIC_CACHE`` overrides the root)."""
+    return _cache_root() / "export" / f"{model_id}-{digest}-{code_fingerprint()}" / fmt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,13 +434,23 @@ class Runner(Protocol):
 
 
 class ModuleRunner:
-    """An eager or TorchScript module."""
+    """An eager or TorchScript module.
+
+    TorchScript runs without the profiling executor's shape specialisation: with it, the first
+    two calls at every new image size re-profiled and re-optimised the graphs (seconds each),
+    and the frozen graphs were no faster afterwards.
+    """
 
     def __init__(self, module: nn.Module | torch.jit.ScriptModule) -> None:
         self.module = module
+        self.scripted = isinstance(module, torch.jit.ScriptModule)
 
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        out = self.module(*inputs)
+        if self.scripted:
+            with torch.jit.optimized_execution(False):
+                out = self.module(*inputs)
+        else:
+            out = self.module(*inputs)
         return tuple(out) if isinstance(out, tuple | list) else (out,)
 
 
@@ -551,7 +587,9 @@ def load_stages(
     for name, file in manifest["stages"].items():
         path = directory / file
         if fmt == "torchscript":
-            runners[name] = ModuleRunner(torch.jit.load(str(path), map_location=device))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                runners[name] = ModuleRunner(torch.jit.load(str(path), map_location=device))
         else:
             runners[name] = OnnxRunner(path, 1 if is_entropy_stage(name) else n_threads, device)
     return Stages(runners, backend, workers)

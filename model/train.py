@@ -161,6 +161,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-images", type=int, default=2)
     p.add_argument("--kodak", type=Path, default=DEFAULT_KODAK)
     p.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this long")
+    p.add_argument("--log-every", type=int, default=20, help="steps between JSONL log records")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -240,7 +241,7 @@ def run_train(args: argparse.Namespace) -> int:
             record.update(step=step, aux=round(float(aux), 3), grad=round(float(grad_norm), 3))
             bar.update(1)
             bar.set_postfix(loss=record["loss"], bpp=record["bpp"], psnr=record["psnr"])
-            if step % 20 == 0:
+            if step % args.log_every == 0:
                 log.write(json.dumps({**record, "lr": lr_at(step, args), "time": time.time()}) + "\n")
                 log.flush()
             if eval_images and (step % args.eval_every == 0 or step == args.steps):

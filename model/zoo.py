@@ -101,16 +101,34 @@ def publish(
         "training": training or {},
     }
     if eval_json is not None:
-        results = json.loads(Path(eval_json).read_text())
-        r = results["results"]
-        entry["kodak"] = {
-            "qualities": results.get("settings", {}).get("values", list(net.qualities)),
-            "bpp": r["bpp"],
-            "psnr_rgb": r["psnr-rgb"],
-            "ms_ssim_rgb": r.get("ms-ssim-rgb"),
-        }
+        entry["kodak"] = kodak_points(eval_json)
     entry["check"] = reference_point(path)
     MANIFEST.write_text(json.dumps({"models": [entry]}, indent=2) + "\n")
+    return entry
+
+
+def kodak_points(eval_json: Path) -> dict:
+    """Mean Kodak rate-distortion points from a ``lalic eval`` result file."""
+    results = json.loads(Path(eval_json).read_text())
+    r = results["results"]
+    return {
+        "images": 24,
+        "qualities": results.get("settings", {}).get("values"),
+        "bpp": r["bpp"],
+        "psnr_rgb": r["psnr-rgb"],
+        "ms_ssim_rgb": r.get("ms-ssim-rgb"),
+        "source": "real bitstreams, lalic eval",
+    }
+
+
+def attach_eval(eval_json: Path, bd_rates: Path | None = None) -> dict:
+    """Add Kodak points (and BD-rates) of the shipped weights to the manifest."""
+    manifest = read_manifest()
+    entry = manifest["models"][0]
+    entry["kodak"] = kodak_points(eval_json)
+    if bd_rates is not None:
+        entry["kodak"]["bd_rate"] = json.loads(Path(bd_rates).read_text())
+    MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
     return entry
 
 
@@ -140,12 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m model.zoo", description="Publish shipped weights.")
-    p.add_argument("checkpoint", type=Path, help="training checkpoint (lalic train) or weight file")
+    p.add_argument("checkpoint", type=Path, nargs="?", help="training checkpoint or weight file")
+    p.add_argument("--attach-eval", type=Path, help="only add this lalic eval result to the manifest")
+    p.add_argument("--bd-rates", type=Path, help="with --attach-eval: the eval's bd-rate.json")
     p.add_argument("--eval-json", type=Path, help="lalic eval result of these weights (kodak-ours.json)")
     p.add_argument("--name", default="lalic-s")
     p.add_argument("--training", type=Path, help="JSON file describing the training run")
     p.add_argument("--float32", action="store_true", help="store float32 instead of float16")
     args = p.parse_args(argv)
+    if args.attach_eval:
+        entry = attach_eval(args.attach_eval, args.bd_rates)
+        print(json.dumps(entry["kodak"], indent=2))
+        return 0
+    if args.checkpoint is None:
+        p.error("a checkpoint is required unless --attach-eval is given")
     training = json.loads(args.training.read_text()) if args.training else None
     entry = publish(args.checkpoint, args.eval_json, args.name, training, half=not args.float32)
     print(json.dumps({k: v for k, v in entry.items() if k != "config"}, indent=2))

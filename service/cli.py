@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import logging
 import os
 import sys
 import types
@@ -19,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from service.logs import configure_logging
 from service.settings import Settings
 
 MALLOC_THRESHOLD = 4294967296
@@ -69,7 +69,7 @@ def _flag_options(field: FieldInfo) -> dict[str, Any]:
     if annotation in (int, float):
         return {"type": annotation, "metavar": annotation.__name__.upper()}
     if typing.get_origin(annotation) is tuple:
-        return {"type": str, "metavar": "Q1,Q2,..."}
+        return {"type": str, "metavar": "A,B,..."}
     return {"type": str}
 
 
@@ -79,7 +79,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     for name, field in Settings.model_fields.items():
         default = field.default
         if isinstance(default, tuple):
-            default = ",".join(f"{value:g}" for value in default)
+            default = ",".join(f"{value:g}" if isinstance(value, float) else str(value) for value in default)
         help_text = f"{field.description} [env LALIC_{name.upper()}; default: {default}]"
         group.add_argument(
             f"--{name.replace('_', '-')}",
@@ -108,14 +108,19 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # an unreadable api_keys_file: refuse to start rather than run open
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # configure_logging routed uvicorn's loggers to our handler
+        access_log=False,  # the request log (service.logs) replaces uvicorn's access lines
         timeout_graceful_shutdown=int(settings.request_timeout_s + SHUTDOWN_GRACE_S),
         lifespan="on",
     )

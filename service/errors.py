@@ -20,6 +20,8 @@ class ErrorCode(StrEnum):
     BAD_IMAGE = "bad_image"
     IMAGE_TOO_SMALL = "image_too_small"
     BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"

@@ -1,4 +1,4 @@
-"""ASGI middleware: per-request metrics, and the catch-all that turns bugs into a generic JSON 500."""
+"""ASGI middleware: request ids and the request log, per-request metrics, and the catch-all 500."""
 
 from __future__ import annotations
 
@@ -8,15 +8,90 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ErrorCode, error_response
+from service.logs import (
+    REQUEST_ID_HEADER,
+    current_request_id,
+    elapsed_ms,
+    log_request,
+    new_request_id,
+    sane_request_id,
+)
 from service.metrics import NO_QUALITY, Metrics, endpoint_label, status_class
 
 logger = logging.getLogger("service.middleware")
 
 QUALITY_STATE_KEY = "lalic_quality"
 """Key in the request state (``scope["state"]``) where routes leave the request's quality label."""
+QUALITY_VALUE_STATE_KEY = "lalic_quality_value"
+"""Key in the request state holding the request's quality as a float (for the request log)."""
 STARTED_STATE_KEY = "lalic_started"
 """Key in the request state holding the ``time.monotonic()`` at which the request arrived."""
+REQUEST_ID_STATE_KEY = "lalic_request_id"
+"""Key in the request state holding the request id."""
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode("latin-1")
+
+
+class RequestLogMiddleware:
+    """Gives every HTTP request an id (``X-Request-ID`` in, if sane; always out) and logs one line for it.
+
+    Outermost, so that every response (auth refusals and the guard's 500 included) carries the id.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        offered = [value for name, value in scope["headers"] if name == _REQUEST_ID_NAME]
+        request_id = (sane_request_id(offered[0].decode("latin-1")) if len(offered) == 1 else None) or (
+            new_request_id()
+        )
+        state = scope.setdefault("state", {})
+        state[REQUEST_ID_STATE_KEY] = request_id
+        token = current_request_id.set(request_id)
+        status: int | None = None
+        received = 0
+        sent = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(n, v) for n, v in message.get("headers", []) if n.lower() != _REQUEST_ID_NAME]
+                headers.append((_REQUEST_ID_NAME, request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        finally:
+            route = scope.get("route")
+            log_request(
+                {
+                    "request_id": request_id,
+                    "method": scope.get("method"),
+                    "route": getattr(route, "path", None),
+                    "status": status,
+                    "duration_ms": elapsed_ms(started),
+                    "bytes_in": received,
+                    "bytes_out": sent,
+                    "quality": state.get(QUALITY_VALUE_STATE_KEY),
+                }
+            )
+            current_request_id.reset(token)
 
 
 class RequestMetricsMiddleware:

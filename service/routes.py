@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -16,10 +16,22 @@ from service.errors import ErrorCode, ServiceError
 from service.formats import FORMAT_ALIASES, encode_image, negotiate
 from service.images import INPUT_MEDIA_TYPES, decode_image, is_input_media_type
 from service.metrics import quality_label
-from service.middleware import QUALITY_STATE_KEY
+from service.middleware import QUALITY_STATE_KEY, QUALITY_VALUE_STATE_KEY
 from service.runtime import Runtime, get_runtime
+from service.schemas import (
+    BITSTREAM_MEDIA_TYPE,
+    COMPRESS_BODY,
+    COMPRESS_RESPONSES,
+    DECOMPRESS_BODY,
+    DECOMPRESS_RESPONSES,
+    METRICS_RESPONSES,
+    READY_RESPONSES,
+    UNAVAILABLE,
+    HealthBody,
+    ModelsBody,
+    ReadyBody,
+)
 
-BITSTREAM_MEDIA_TYPE = "application/x-lalic"
 BITSTREAM_INPUT_TYPES = frozenset({BITSTREAM_MEDIA_TYPE, "application/octet-stream", ""})
 IMAGE_FIELD = "image"
 
@@ -31,6 +43,7 @@ def _set_quality_label(request: Request, quality: float) -> str:
     """Label the request's metrics with ``quality`` and return the label."""
     label = quality_label(quality)
     setattr(request.state, QUALITY_STATE_KEY, label)
+    setattr(request.state, QUALITY_VALUE_STATE_KEY, float(quality))
     return label
 
 
@@ -69,7 +82,8 @@ async def _read_image_bytes(request: Request, runtime: Runtime) -> bytes:
 @router.post(
     "/compress",
     response_class=Response,
-    responses={200: {"content": {BITSTREAM_MEDIA_TYPE: {}}, "description": "The LALIC bitstream."}},
+    responses=COMPRESS_RESPONSES,
+    openapi_extra=COMPRESS_BODY,
     summary="Compress an image to a LALIC bitstream",
 )
 async def compress(
@@ -117,9 +131,8 @@ async def compress(
 @router.post(
     "/decompress",
     response_class=Response,
-    responses={
-        200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}, "description": "The image."}
-    },
+    responses=DECOMPRESS_RESPONSES,
+    openapi_extra=DECOMPRESS_BODY,
     summary="Decompress a LALIC bitstream to an image",
 )
 async def decompress(
@@ -165,32 +178,34 @@ async def decompress(
     return Response(body, media_type=fmt.media_type, headers=headers)
 
 
-@router.get("/v1/models", summary="The loaded model")
-async def models(runtime: RuntimeDep) -> dict[str, Any]:
+@router.get("/v1/models", summary="The loaded model", responses={503: UNAVAILABLE})
+async def models(runtime: RuntimeDep) -> ModelsBody:
     """Model id, weights digest, qualities, device and backend (503 until loaded)."""
     engine = runtime.require_ready()
     codec = engine.require_codec()
-    return {
-        "models": [
-            {
-                "id": codec.model_id,
-                "weights_digest": codec.weights_digest,
-                "qualities": list(engine.warmed),
-                "quality_range": [min(engine.warmed), max(engine.warmed)],
-                "device": codec.device,
-                "backend": codec.backend,
-            }
-        ]
-    }
+    return ModelsBody.model_validate(
+        {
+            "models": [
+                {
+                    "id": codec.model_id,
+                    "weights_digest": codec.weights_digest,
+                    "qualities": list(engine.warmed),
+                    "quality_range": [min(engine.warmed), max(engine.warmed)],
+                    "device": codec.device,
+                    "backend": codec.backend,
+                }
+            ]
+        }
+    )
 
 
 @router.get("/healthz", summary="Liveness")
-async def healthz() -> dict[str, str]:
+async def healthz() -> HealthBody:
     """200 while the process serves HTTP."""
-    return {"status": "ok"}
+    return HealthBody(status="ok")
 
 
-@router.get("/readyz", summary="Readiness")
+@router.get("/readyz", summary="Readiness", response_model=ReadyBody, responses=READY_RESPONSES)
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """200 once every quality is loaded and warmed up; 503 before (or when loading failed)."""
     engine = runtime.engine
@@ -205,7 +220,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=METRICS_RESPONSES)
 async def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus text exposition of this app's registry."""
     return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

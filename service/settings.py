@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 QUALITY_MIN = 1.0
@@ -14,6 +15,29 @@ QUALITY_MAX = 6.0
 Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["torch", "torchscript", "onnxruntime"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["json", "text"]
+
+
+def _split_list(value: object) -> object:
+    """``"a,b"`` and ``"[a, b]"`` strings become lists (empty parts dropped); other values pass."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+API_KEY_MIN_LENGTH = 16
+API_KEY_MAX_LENGTH = 256
+
+
+def _check_key(key: str) -> None:
+    """An API key is 16..256 visible ASCII characters (no spaces, no commas); the key is never echoed."""
+    if not API_KEY_MIN_LENGTH <= len(key) <= API_KEY_MAX_LENGTH:
+        raise ValueError(f"API keys must have {API_KEY_MIN_LENGTH}..{API_KEY_MAX_LENGTH} characters")
+    if not all("!" <= ch <= "~" and ch != "," for ch in key):
+        raise ValueError("API keys must be visible ASCII characters without commas")
 
 
 class Settings(BaseSettings):
@@ -66,6 +90,30 @@ class Settings(BaseSettings):
         "(the current codec codes sequentially: ignored with a warning).",
     )
     log_level: LogLevel = Field("info", description="Log level of the service and uvicorn.")
+    log_format: LogFormat = Field(
+        "json",
+        description="json: one JSON object per line (a line per request, with its request id); "
+        "text: human-readable lines.",
+    )
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (),
+        description="API keys (comma-separated); when any key is set (here or in api_keys_file), "
+        "requests need 'Authorization: Bearer <key>'. Prefer api_keys_file: flags show in ps.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File of API keys, one per line ('#' comments and blank lines ignored); "
+        "read at start-up, added to api_keys.",
+    )
+    auth_protect_ops: bool = Field(
+        False,
+        description="With API keys, also require a key for /healthz, /readyz and /metrics "
+        "(default: open, for probes and scrapers).",
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Origins allowed by CORS (comma-separated, '*' for any); empty = CORS off.",
+    )
 
     @field_validator("qualities", mode="before")
     @classmethod
@@ -86,6 +134,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"quality anchors are whole numbers in [1, 6], got {quality}")
         return tuple(sorted(set(value)))
 
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_lists(cls, value: object) -> object:
+        """Accept ``"a,b"`` and ``"[a, b]"`` strings besides sequences."""
+        return _split_list(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        """Keys are visible ASCII without spaces or commas (what fits a Bearer token)."""
+        for key in value:
+            _check_key(key.get_secret_value())
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
@@ -98,6 +160,29 @@ class Settings(BaseSettings):
         if self.random_weights and self.weights is not None:
             raise ValueError("set either weights or random_weights, not both")
         return self
+
+    def load_api_keys(self) -> tuple[str, ...]:
+        """``api_keys`` plus the keys of ``api_keys_file`` (read now), deduplicated.
+
+        Raises:
+            ValueError: the file cannot be read or holds an invalid key (the service refuses to start
+                rather than run open by mistake).
+        """
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc}") from None
+            for number, line in enumerate(text.splitlines(), 1):
+                key = line.split("#", 1)[0].strip()
+                if key:
+                    try:
+                        _check_key(key)
+                    except ValueError as exc:
+                        raise ValueError(f"{self.api_keys_file}:{number}: {exc}") from None
+                    keys.append(key)
+        return tuple(dict.fromkeys(keys))
 
     @property
     def max_batch_delay_s(self) -> float:

@@ -239,3 +239,22 @@ def test_reference_curves_for_kodak() -> None:
 def test_curve_from_result_rejects_missing_rates() -> None:
     with pytest.raises(ValueError, match="bpp"):
         curve_from_result({"name": "x", "results": {"psnr": [30.0]}}, "reference")
+
+
+def test_run_eval_with_the_shipped_codec(kodak2: Path, tmp_path: Path) -> None:
+    """``lalic eval`` end to end on our real codec (shipped weights, real bitstreams)."""
+    out = tmp_path / "ours"
+    args = _parse(
+        "--images", str(kodak2), "--qualities", "2", "5", "--out", str(out), "--baselines", "webp",
+        "--baseline-settings", "webp=20,70", "--baseline-cache", "", "--reference-dir", str(REFERENCE_DIR),
+        "--no-progress",
+    )  # fmt: skip
+    assert evaluate.run_eval(args) == 0
+    ours = json.loads((out / "kodak-ours.json").read_text())
+    _check_layout(ours, 2, 2)
+    bpp = ours["results"]["bpp"]
+    assert 0 < bpp[0] < bpp[1]  # quality 5 spends more bits than quality 2
+    rows = json.loads((out / "bd-rate.json").read_text())["rows"]
+    assert any(r["anchor"].startswith("WebP") for r in rows)
+    with Image.open(next(out.glob("rd-*.png"))) as im:
+        assert im.size[0] > 400 and im.size[1] > 200

@@ -1,0 +1,182 @@
+"""OpenAPI description of the service: JSON bodies, request bodies and the documented responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.images import INPUT_MEDIA_TYPES
+
+BITSTREAM_MEDIA_TYPE = "application/x-lalic"
+BINARY = {"type": "string", "format": "binary"}
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a fixed machine-readable code and a human-readable detail."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"error": "bad_image", "detail": "not a decodable image"}]}
+    )
+
+    error: str = Field(description="Error code, e.g. bad_image, too_many_pixels, queue_full.")
+    detail: str = Field(description="What went wrong, for people.")
+
+
+class NotReadyBody(ErrorBody):
+    """/readyz while the model is not (or no longer) serving."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"error": "not_ready", "detail": "warming up (2/6 qualities ready)", "status": "warming_up"}
+            ]
+        }
+    )
+
+    status: str = Field(description="loading, warming_up, failed or shutting_down.")
+
+
+class HealthBody(BaseModel):
+    """/healthz: the process serves HTTP."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: str = Field(description="Always ok.")
+
+
+class ReadyBody(BaseModel):
+    """/readyz once every configured quality is loaded and warmed up."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"status": "ready", "qualities": [1, 2, 3, 4, 5, 6]}]}
+    )
+
+    status: str = Field(description="Always ready.")
+    qualities: list[float] = Field(description="The quality anchors loaded.")
+
+
+class ModelInfo(BaseModel):
+    """One loaded model."""
+
+    id: str = Field(description="Model configuration name, written into every bitstream.")
+    weights_digest: str = Field(
+        description="16 hex digits identifying the weights (also in every bitstream)."
+    )
+    qualities: list[float] = Field(description="Quality anchors loaded and warmed up.")
+    quality_range: list[float] = Field(description="[lowest, highest] quality served (any value between).")
+    device: str = Field(description="cpu or cuda.")
+    backend: str = Field(description="torch, torchscript or onnxruntime.")
+
+
+class ModelsBody(BaseModel):
+    """/v1/models."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "models": [
+                        {
+                            "id": "lalic-s",
+                            "weights_digest": "0123456789abcdef",
+                            "qualities": [1, 2, 3, 4, 5, 6],
+                            "quality_range": [1, 6],
+                            "device": "cpu",
+                            "backend": "torchscript",
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
+    models: list[ModelInfo]
+
+
+def error(description: str, model: type[BaseModel] = ErrorBody) -> dict[str, Any]:
+    """A documented error response."""
+    return {"model": model, "description": description}
+
+
+UNAVAILABLE = error("not_ready, queue_full, deadline_exceeded or shutting_down; has Retry-After.")
+LALIC_HEADERS = {
+    "X-Lalic-Quality": {"description": "Quality of the stream.", "schema": {"type": "string"}},
+    "X-Lalic-Width": {"description": "Image width in pixels.", "schema": {"type": "string"}},
+    "X-Lalic-Height": {"description": "Image height in pixels.", "schema": {"type": "string"}},
+    "X-Lalic-Bytes": {"description": "Bitstream size in bytes.", "schema": {"type": "string"}},
+    "X-Lalic-Bpp": {"description": "Bits per pixel of the stream.", "schema": {"type": "string"}},
+}
+
+COMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {BITSTREAM_MEDIA_TYPE: {"schema": BINARY}},
+        "description": "The LALIC bitstream.",
+        "headers": LALIC_HEADERS,
+    },
+    400: error("bad_image, image_too_small or bad_request (malformed body)."),
+    413: error("payload_too_large (body) or too_many_pixels (image)."),
+    415: error("unsupported_media_type."),
+    422: error("invalid_parameter: quality missing, out of range or not served; no 'image' form field."),
+    503: UNAVAILABLE,
+}
+DECOMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {
+            "image/png": {"schema": BINARY},
+            "image/webp": {"schema": BINARY},
+            "image/jpeg": {"schema": BINARY},
+        },
+        "description": "The decoded image.",
+        "headers": LALIC_HEADERS,
+    },
+    400: error("bad_bitstream, model_mismatch or bad_request."),
+    413: error("payload_too_large (body) or too_many_pixels (declared in the stream header)."),
+    415: error("unsupported_media_type."),
+    422: error("invalid_parameter: unknown format."),
+    503: UNAVAILABLE,
+}
+COMPRESS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **{media_type: {"schema": BINARY} for media_type in INPUT_MEDIA_TYPES},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"image": BINARY}, "required": ["image"]}
+            },
+        },
+    }
+}
+DECOMPRESS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {BITSTREAM_MEDIA_TYPE: {"schema": BINARY}, "application/octet-stream": {"schema": BINARY}},
+    }
+}
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format."}
+}
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {503: error("Not ready (yet).", NotReadyBody)}
+AUTH_RESPONSES: dict[str, dict[str, Any]] = {
+    "401": {"description": "unauthorized: no or malformed 'Authorization: Bearer <key>'."},
+    "403": {"description": "forbidden: the key is not valid."},
+}
+
+
+def add_security(schema: dict[str, Any], protected: set[str]) -> dict[str, Any]:
+    """Declare bearer keys in an OpenAPI document: the scheme, and 401/403 on ``protected`` paths."""
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key of the service (api_keys / api_keys_file).",
+    }
+    error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for path, operations in schema.get("paths", {}).items():
+        if path not in protected:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"bearer": []}]
+            for status, response in AUTH_RESPONSES.items():
+                operation.setdefault("responses", {})[status] = {**response, "content": error_ref}
+    return schema

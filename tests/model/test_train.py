@@ -1,0 +1,41 @@
+"""A tiny real training run: the loss falls, checkpoints resume to the same step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model.train import main as train_main
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_reduces_loss_and_resumes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    yy, xx = np.mgrid[0:64, 0:64]
+    for i in range(2):
+        img = np.stack([(xx * (3 + i)) % 256, (yy * 2) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+        Image.fromarray(img).save(data / f"img{i}.png")
+    common = [
+        "--data", str(data), "--runs-dir", str(tmp_path / "runs"), "--run", "tiny", "--crop", "64",
+        "--batch-size", "2", "--lr", "1e-3", "--warmup", "1", "--eval-images", "0", "--log-every", "1",
+        "--threads", "1", "--quality", "6",
+    ]
+    assert train_main([*common, "--steps", "12"]) == 0
+    records = _log(tmp_path / "runs" / "tiny")
+    losses = [r["loss"] for r in records]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+    assert train_main([*common, "--steps", "14", "--resume"]) == 0
+    import torch
+
+    state = torch.load(tmp_path / "runs" / "tiny" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 14
+    assert [r["step"] for r in _log(tmp_path / "runs" / "tiny")][12:] == [13, 14]
