@@ -75,7 +75,8 @@ INSTRUMENTED = {
     "parser": ("model.bitstream",),
     "decoder": ("model.bitstream", "model.coder", "model.codec", "model.context", "model.entropy"),
 }
-"""Modules whose Python branches feed coverage back to the fuzzer (torch and numpy are not traced)."""
+"""Modules imported under atheris instrumentation: their Python branches (and those of the other
+``model`` modules they import) feed coverage back to the fuzzer; torch and numpy are not traced."""
 
 _MAGIC = b"LALC"
 _PREFIX_SIZE = 7  # magic, version, flags, model id length
@@ -248,7 +249,7 @@ class Guard:
             "inputs_per_s": round(self.inputs / elapsed, 1) if elapsed else 0.0,
             "slowest_input_s": round(self.slowest_s, 4),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "rejections": dict(sorted(self.rejections.items(), key=lambda item: -item[1])[:12]),
+            "rejections": dict(sorted(self.rejections.items(), key=lambda item: -item[1])[:40]),
         }
 
     def report(self) -> None:

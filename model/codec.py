@@ -15,6 +15,18 @@ which decides the coding distributions) is pinned to ``entropy_threads`` = 1 tor
 the decoder's distributions do not depend on the caller's thread count either. g_a and g_s run
 with the caller's threads: measured here, 1 vs 2 threads gave identical streams, and decoded
 images that differ by at most one 8-bit level at a few pixels (g_s reductions split by thread).
+Backends (``backend=``, :mod:`model.export`): ``"torch"`` (eager), ``"torchscript"`` (scripted
+and frozen stages) and ``"onnxruntime"`` (every stage exported to ONNX, cached per weights and
+code version, or loaded from ``export_dir``). Only the networks change; entropy coding and the
+coding loop are the same Python code for all three. Measured on one machine (lalic-s, images
+50x70 to 768x512, qualities 1 to 6; ``tests/model/test_backends.py``, BENCHMARKS.md):
+
+* torch <-> torchscript: bit-exact, streams and decoded pixels;
+* onnxruntime <-> torch or torchscript: not bit-exact. Streams were identical in 11 of 12 cases
+  and decoded to within one 8-bit level of the encoding backend's own reconstruction (g_s rounds
+  differently); in the 12th the entropy parameters differed and decoding raised
+  :class:`~model.bitstream.BitstreamError` (symbol checksum). A stream from another backend (or
+  machine) is decoded correctly or refused, never decoded silently wrong.
 """
 
 from __future__ import annotations
@@ -94,7 +106,6 @@ class Codec:
         entropy_threads: int | None = 1,
         export_dir: str | None = None,
         threads: int | None = None,
-        entropy_workers: int = 2,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not available (supported: {', '.join(BACKENDS)})")
@@ -111,7 +122,7 @@ class Codec:
         # the networks behind the chosen backend (model.export); the coding loop stays Python
         self._stages = load_stages(
             self.net, backend, self.weights_digest, export_dir=export_dir, threads=threads,
-            device=self.device, workers=entropy_workers,
+            device=self.device,
         )
 
     # Construction -------------------------------------------------------------------------

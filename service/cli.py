@@ -97,6 +97,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def describe_invalid_settings(error: ValidationError) -> str:
+    """One line per invalid setting, without the values given (an API key must never be echoed)."""
+    return "\n".join(
+        f"  {'.'.join(str(part) for part in item['loc']) or 'settings'}: {item['msg']}"
+        for item in error.errors(include_url=False, include_context=False, include_input=False)
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then finish accepted requests and exit; returns the exit code."""
     import uvicorn
@@ -106,7 +114,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        print(f"invalid settings:\n{describe_invalid_settings(exc)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:

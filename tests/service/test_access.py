@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.auth import ApiKeys, bearer_token, needs_key
+from service.cli import add_serve_arguments, run_serve
 from service.settings import Settings
 from tests.service.helpers import REPO
 
@@ -150,6 +152,13 @@ def test_key_settings_are_validated_and_never_shown() -> None:
     for bad in ("too-short", "has space in it 123", "comma,in,it,0123456789"):
         with pytest.raises(ValidationError):
             Settings(api_keys=[bad])
+
+
+def test_invalid_keys_are_not_echoed(capsys: pytest.CaptureFixture[str]) -> None:
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args(["--api-keys", "short-secret-x,"])
+    assert run_serve(args) == 2  # refused before anything starts
+    err = capsys.readouterr().err
+    assert "api_keys" in err and "16..256" in err and "short-secret-x" not in err
 
 
 def test_key_comparison() -> None:

@@ -80,7 +80,7 @@ async def test_bugs_become_a_generic_500(client: httpx.AsyncClient) -> None:
 
 
 async def test_a_model_that_cannot_load_keeps_readyz_red() -> None:
-    app = create_app(Settings(random_weights=True, device="cpu", backend="onnxruntime"))
+    app = create_app(Settings(weights="/nonexistent/lalic-weights.pt", device="cpu", backend="torch"))
     runtime = app.state.runtime
     runtime.worker.start()
     try:
@@ -92,7 +92,7 @@ async def test_a_model_that_cannot_load_keeps_readyz_red() -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             ready = await http.get("/readyz")
             assert_error(ready, 503, "not_ready")
-            assert ready.json()["status"] == "failed" and "onnxruntime" in ready.json()["detail"]
+            assert ready.json()["status"] == "failed" and "lalic-weights.pt" in ready.json()["detail"]
             assert (await http.get("/healthz")).status_code == 200
     finally:
         assert await anyio.to_thread.run_sync(runtime.worker.close, 10)

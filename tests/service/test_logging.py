@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from service.logs import ACCESS_LOGGER, JsonFormatter, RequestIdFilter, current_request_id, log_request
+from service.logs import (
+    ACCESS_LOGGER,
+    JsonFormatter,
+    RequestIdFilter,
+    TextFormatter,
+    current_request_id,
+    log_request,
+)
 from tests.service.helpers import LALIC, PNG, encode, start_server, test_image
 
 KEY = "logging-test-key-0123456789"
@@ -100,3 +107,11 @@ def test_json_formatter_and_level(caplog: pytest.LogCaptureFixture) -> None:
         record.exc_info = sys.exc_info()
     line = formatter.format(record)
     assert "\n" not in line and json.loads(line)["exc"].startswith("Traceback")
+
+
+def test_text_format() -> None:
+    record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, __file__, 1, "request", (), None)
+    record.lalic_fields = {"request_id": "r-1", "route": "/compress", "status": 200}
+    RequestIdFilter().filter(record)
+    line = TextFormatter().format(record)
+    assert line.endswith("request request_id=r-1 route=/compress status=200") and "INFO lalic.access" in line
