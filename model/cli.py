@@ -16,21 +16,10 @@ stream made by other weights is refused with an error naming both).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 import time
 from pathlib import Path
-
-
-def tune_malloc() -> None:
-    """Keep glibc from unmapping large tensors on free (5x faster large ops on our CPU VMs)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
 
 
 def _codec(args: argparse.Namespace):
@@ -145,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from service.cli import tune_malloc  # glibc keeps large tensors mapped: 5x faster large ops here
+
     tune_malloc()
     args = build_parser().parse_args(argv)
     from model.bitstream import BitstreamError
