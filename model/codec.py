@@ -264,14 +264,18 @@ class Codec:
         return [encoder.finish()], arrays
 
     # Decompression -------------------------------------------------------------------------
-    def _parse(self, data: bytes, max_pixels: int) -> tuple[Header, list[bytes]]:
-        header, streams = unpack(data, max_pixels=max_pixels)
-        c = self.net.config
+    def _check_origin(self, header: Header) -> None:
+        """Refuse streams made by another model or other weights."""
         if header.model_id != self.model_id or header.weights_digest != self.digest:
             raise BitstreamError(
                 f"stream was made by {header.model_id}@{header.weights_digest.hex()}, "
                 f"this codec is {self.model_id}@{self.weights_digest}"
             )
+
+    def _parse(self, data: bytes, max_pixels: int) -> tuple[Header, list[bytes]]:
+        header, streams = unpack(data, max_pixels=max_pixels)
+        c = self.net.config
+        self._check_origin(header)
         self._check_quality(header.quality)
         hp, wp = padded_size(header.height, header.width)
         want_y = (c.latent, hp // 16, wp // 16)
@@ -323,11 +327,7 @@ class Codec:
     def _decompress_large(self, header: Header, parts: list[bytes], timings, max_pixels: int) -> np.ndarray:
         if header.tiling == (0, 0, 0):
             return self.decompress_batch([pack(header, parts)], timings, max_pixels)[0]
-        if header.model_id != self.model_id or header.weights_digest != self.digest:
-            raise BitstreamError(
-                f"stream was made by {header.model_id}@{header.weights_digest.hex()}, "
-                f"this codec is {self.model_id}@{self.weights_digest}"
-            )
+        self._check_origin(header)
         decode = lambda tile: self.decompress_batch([tile], timings, max_pixels)[0]  # noqa: E731
         return decompress_tiled(header, parts, decode, lambda d: read_header(d, max_pixels=max_pixels))
 

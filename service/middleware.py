@@ -32,6 +32,30 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode("latin-1")
 
 
+class _Traffic:
+    """Wraps an ASGI ``receive``/``send`` pair, counting body bytes each way and keeping the status."""
+
+    def __init__(self, receive: Receive, send: Send, status: int | None = None) -> None:
+        self._receive = receive
+        self._send = send
+        self.status = status
+        self.received = 0
+        self.sent = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        await self._send(message)
+
+
 class RequestLogMiddleware:
     """Gives every HTTP request an id (``X-Request-ID`` in, if sane; always out) and logs one line for it.
 
@@ -53,30 +77,17 @@ class RequestLogMiddleware:
         state = scope.setdefault("state", {})
         state[REQUEST_ID_STATE_KEY] = request_id
         token = current_request_id.set(request_id)
-        status: int | None = None
-        received = 0
-        sent = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-            return message
 
         async def tagging_send(message: Message) -> None:
-            nonlocal status, sent
             if message["type"] == "http.response.start":
-                status = message["status"]
                 headers = [(n, v) for n, v in message.get("headers", []) if n.lower() != _REQUEST_ID_NAME]
                 headers.append((_REQUEST_ID_NAME, request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
             await send(message)
 
+        traffic = _Traffic(receive, tagging_send)
         try:
-            await self.app(scope, counting_receive, tagging_send)
+            await self.app(scope, traffic.receive, traffic.send)
         finally:
             route = scope.get("route")
             log_request(
@@ -84,10 +95,10 @@ class RequestLogMiddleware:
                     "request_id": request_id,
                     "method": scope.get("method"),
                     "route": getattr(route, "path", None),
-                    "status": status,
+                    "status": traffic.status,
                     "duration_ms": elapsed_ms(started),
-                    "bytes_in": received,
-                    "bytes_out": sent,
+                    "bytes_in": traffic.received,
+                    "bytes_out": traffic.sent,
                     "quality": state.get(QUALITY_VALUE_STATE_KEY),
                 }
             )
@@ -109,28 +120,10 @@ class RequestMetricsMiddleware:
         state = scope.setdefault("state", {})
         state[STARTED_STATE_KEY] = time.monotonic()
         endpoint = endpoint_label(scope["path"])
-        status = 500
-        received = 0
-        sent = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-            return message
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            await send(message)
-
+        traffic = _Traffic(receive, send, status=500)
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, counting_receive, counting_send)
+            await self.app(scope, traffic.receive, traffic.send)
         finally:
             self.metrics.in_flight.dec()
             m = self.metrics
@@ -138,10 +131,10 @@ class RequestMetricsMiddleware:
             m.request_duration.labels(endpoint=endpoint, quality=quality).observe(
                 time.perf_counter() - started
             )
-            m.requests_total.labels(endpoint=endpoint, status_class=status_class(status)).inc()
-            m.response_body_bytes.labels(endpoint=endpoint).observe(sent)
+            m.requests_total.labels(endpoint=endpoint, status_class=status_class(traffic.status)).inc()
+            m.response_body_bytes.labels(endpoint=endpoint).observe(traffic.sent)
             if scope.get("method") in _BODY_METHODS:
-                m.request_body_bytes.labels(endpoint=endpoint).observe(received)
+                m.request_body_bytes.labels(endpoint=endpoint).observe(traffic.received)
 
 
 class ErrorGuardMiddleware:
