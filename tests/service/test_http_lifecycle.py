@@ -42,10 +42,10 @@ def test_readyz_turns_green_only_after_warm_up(main_server: Server) -> None:
 
 def test_metrics_exposition(main_server: Server) -> None:
     with main_server.client() as http:
-        assert (
-            http.post("/compress?quality=2.6", content=encode(test_image(32, 32)), headers=PNG).status_code
-            == 200
-        )
+        compressed = http.post("/compress?quality=2.6", content=encode(test_image(32, 32)), headers=PNG)
+        assert compressed.status_code == 200
+        # a decode of its own, so the synthesis stage is present whatever ran before this test
+        assert http.post("/decompress", content=compressed.content).status_code == 200
         response = http.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     families = {family.name: family for family in text_string_to_metric_families(response.text)}
