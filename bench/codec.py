@@ -329,7 +329,7 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
         f"- Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; "
         f"versions: {', '.join(f'{k} {v}' for k, v in meta['machine']['versions'].items())}",
         f"- LALIC: lalic-s, random weights (seed 0), quality {args.quality:g}, {args.threads} torch threads "
-        "(the entropy-parameter path is pinned to 1 intra-op thread)",
+        "(the entropy-parameter path runs on its own pinned thread count, model.codec.ENTROPY_THREADS)",
         f"- Runs: {args.runs} timed runs after one warm-up (sizes above 2 MP: {args.large_runs}; "
         f"cheng2020-anchor: {args.slow_runs}); images above 4.2 MP are coded as 2048-pixel tiles; "
         "median and p90 in ms; 'other load' = CPU used by other processes during the run, "

@@ -69,7 +69,7 @@ def make_codec() -> Codec:
     from model.codec import Codec
 
     torch.set_num_threads(1)
-    return Codec.random(MODEL, seed=SEED, device="cpu", backend="torch")
+    return Codec.random(MODEL, seed=SEED, device="cpu", backend="torch", entropy_threads=1)
 
 
 def main(argv: list[str] | None = None) -> int:

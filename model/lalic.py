@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from model.configs import LalicConfig
 from model.context import ContextModel
 from model.entropy import FactorizedPrior, GaussianConditional
-from model.layers import reparameterize
+from model.layers import init_layer_scales, reparameterize
 from model.transforms import (
     ConvTranspose2d,
     analysis_transform,
@@ -50,7 +50,7 @@ class LALIC(nn.Module):
         self.config = config
         c = config
         self.g_a = analysis_transform(c.widths, c.depths, c.latent)
-        self.g_s = synthesis_transform(c.widths, c.depths, c.latent)
+        self.g_s = synthesis_transform(c.widths, c.synthesis_depths or c.depths, c.latent)
         self.h_a = hyper_analysis(c.latent, c.hyper_width, c.hyper_depth, c.hyper_latent)
         self.h_s = hyper_synthesis(c.hyper_latent, c.hyper_width, c.hyper_depth, c.latent)
         self.entropy_bottleneck = FactorizedPrior(c.hyper_latent)
@@ -63,6 +63,8 @@ class LALIC(nn.Module):
             init = torch.linspace(-1.2, 1.2, levels)[:, None].repeat(1, c.latent)
             self.log_gain = nn.Parameter(init.clone())
             self.log_inverse_gain = nn.Parameter(-init.clone())
+        if c.layer_scale_init != 1.0:
+            init_layer_scales(self, c.layer_scale_init)
 
     @property
     def qualities(self) -> tuple[float, ...]:

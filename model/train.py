@@ -180,7 +180,9 @@ def run_train(args: argparse.Namespace) -> int:
     model = LALIC(config).to(device).train()
     if args.init is not None and state is None:
         init = torch.load(args.init, map_location="cpu", weights_only=False)
-        model.load_state_dict(init.get("model", init))
+        # a training checkpoint ("model"), a weight file ("state_dict", maybe float16) or a state dict
+        init_state = init.get("model", init.get("state_dict", init))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init_state.items()})
     main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     opt = torch.optim.Adam(main_params, lr=args.lr)
@@ -237,7 +239,7 @@ def run_train(args: argparse.Namespace) -> int:
             aux.backward()
             aux_opt.step()
             step += 1
-            record = {k: round(float(v), 5) for k, v in terms.items()}
+            record = {k: round(float(v.detach()), 5) for k, v in terms.items()}
             record.update(step=step, aux=round(float(aux), 3), grad=round(float(grad_norm), 3))
             bar.update(1)
             bar.set_postfix(loss=record["loss"], bpp=record["bpp"], psnr=record["psnr"])

@@ -7,7 +7,6 @@ Header parsing and shape arithmetic are cheap, pure Python, and may run anywhere
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -149,12 +148,11 @@ class Engine:
         from model.codec import Codec
 
         device = resolve_device(self.settings.device)
-        options: dict[str, Any] = {"device": device, "backend": self.settings.backend}
-        if self.settings.entropy_workers is not None:
-            if "entropy_workers" in inspect.signature(Codec).parameters:
-                options["entropy_workers"] = self.settings.entropy_workers
-            else:
-                logger.warning("entropy_workers is ignored: this codec has no parallel entropy coding")
+        options: dict[str, Any] = {
+            "device": device,
+            "backend": self.settings.backend,
+            "entropy_threads": self.settings.entropy_threads,
+        }
         if self.settings.random_weights:
             return Codec.random(config=self.settings.model, seed=0, **options)
         return Codec.from_pretrained(self.settings.weights, **options)

@@ -83,11 +83,14 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the worker; unset = torch's default."
     )
-    entropy_workers: int | None = Field(
-        None,
+    entropy_threads: int = Field(
+        2,
         ge=1,
-        description="Parallel entropy-coding workers, passed to the codec if it takes them "
-        "(the current codec codes sequentially: ignored with a warning).",
+        le=64,
+        description="torch intra-op threads of the entropy-parameter path (h_s and the context "
+        "networks), pinned whatever torch_threads says so that coding distributions never depend on "
+        "the caller's threads. 1 and 2 give identical bitstreams on our CPUs; 2 decodes 768x512 "
+        "about 60 ms faster on 2 cores.",
     )
     log_level: LogLevel = Field("info", description="Log level of the service and uvicorn.")
     log_format: LogFormat = Field(
