@@ -240,7 +240,7 @@ def run_train(args: argparse.Namespace) -> int:
             aux_opt.step()
             step += 1
             record = {k: round(float(v.detach()), 5) for k, v in terms.items()}
-            record.update(step=step, aux=round(float(aux), 3), grad=round(float(grad_norm), 3))
+            record.update(step=step, aux=round(float(aux.detach()), 3), grad=round(float(grad_norm), 3))
             bar.update(1)
             bar.set_postfix(loss=record["loss"], bpp=record["bpp"], psnr=record["psnr"])
             if step % args.log_every == 0:
