@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from model.train import main as train_main
@@ -15,6 +17,16 @@ def _log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture
+def keep_torch_threads():
+    """``lalic train --threads`` sets the process-wide thread count: give it back to later tests
+    (g_s results depend on it, and test_cli compares an in-process decode with the CLI's)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("keep_torch_threads")
 def test_training_reduces_loss_and_resumes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -34,8 +46,6 @@ def test_training_reduces_loss_and_resumes(tmp_path: Path) -> None:
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
 
     assert train_main([*common, "--steps", "14", "--resume"]) == 0
-    import torch
-
     state = torch.load(tmp_path / "runs" / "tiny" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 14
     assert [r["step"] for r in _log(tmp_path / "runs" / "tiny")][12:] == [13, 14]
