@@ -72,7 +72,8 @@ CONFIGS: dict[str, LalicConfig] = {
         param_min_width=96,
         variable_rate=True,
         # no Bi-RWKV block in g_s at 1/2 resolution (g_a keeps its own): decode at 768x512 on our
-        # 2-core AMD EPYC 346 -> 247 ms, the issue-2 bound being 300 ms (BENCHMARKS.md)
+        # 2-core AMD EPYC 396 -> 299 ms (346 -> 247 ms with 2 entropy threads); issue 2's bound is
+        # 300 ms (BENCHMARKS.md)
         synthesis_depths=(0, 1, 2),
         # measured on 64x64 crops from scratch, 600 steps: layer scales at 0.1 reached a 10 % lower
         # loss (+2 dB at q6 on Kodak, at 17 % less rate) than at 1

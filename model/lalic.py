@@ -63,8 +63,7 @@ class LALIC(nn.Module):
             init = torch.linspace(-1.2, 1.2, levels)[:, None].repeat(1, c.latent)
             self.log_gain = nn.Parameter(init.clone())
             self.log_inverse_gain = nn.Parameter(-init.clone())
-        if c.layer_scale_init != 1.0:
-            init_layer_scales(self, c.layer_scale_init)
+        init_layer_scales(self, c.layer_scale_init)
 
     @property
     def qualities(self) -> tuple[float, ...]:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from model.configs import get_config
 from model.lalic import LALIC
+from model.zoo import read_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
 REPO = Path(__file__).resolve().parent.parent
@@ -179,10 +180,8 @@ def run_train(args: argparse.Namespace) -> int:
     )
     model = LALIC(config).to(device).train()
     if args.init is not None and state is None:
-        init = torch.load(args.init, map_location="cpu", weights_only=False)
-        # a training checkpoint ("model"), a weight file ("state_dict", maybe float16) or a state dict
-        init_state = init.get("model", init.get("state_dict", init))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init_state.items()})
+        _, init_state = read_weights(args.init)  # a training checkpoint or a (float16) weight file
+        model.load_state_dict(init_state)
     main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     opt = torch.optim.Adam(main_params, lr=args.lr)

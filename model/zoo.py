@@ -43,15 +43,20 @@ def default_weights() -> Path:
     return path
 
 
-def load_network(weights: str | Path | None = None) -> LALIC:
-    """Build a LALIC network from a weight file (default: the shipped one) or a training checkpoint."""
-    path = Path(weights) if weights is not None else default_weights()
+def read_weights(path: str | Path) -> tuple[LalicConfig, dict[str, torch.Tensor]]:
+    """Configuration and float32 state dict of a weight file (float16 storage allowed) or a checkpoint."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
     state = blob.get("state_dict", blob.get("model"))
     if state is None or "config" not in blob:
         raise ValueError(f"{path} is not a LALIC weight file or checkpoint")
-    net = LALIC(LalicConfig.from_dict(blob["config"]))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    return LalicConfig.from_dict(blob["config"]), state
+
+
+def load_network(weights: str | Path | None = None) -> LALIC:
+    """Build a LALIC network from a weight file (default: the shipped one) or a training checkpoint."""
+    config, state = read_weights(Path(weights) if weights is not None else default_weights())
+    net = LALIC(config)
     net.load_state_dict(state)
     return net
 
