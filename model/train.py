@@ -158,7 +158,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    p.add_argument("--eval-every", type=int, default=1000, help="steps between quick Kodak evals")
+    p.add_argument(
+        "--eval-every", type=int, default=1000, help="steps between quick Kodak evals (0 = only at the end)"
+    )
     p.add_argument("--eval-images", type=int, default=2)
     p.add_argument("--kodak", type=Path, default=DEFAULT_KODAK)
     p.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this long")
@@ -175,8 +177,8 @@ def run_train(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
 
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume else None
-    config = get_config(args.config) if state is None else type(get_config(args.config)).from_dict(
-        state["config"]
+    config = (
+        get_config(args.config) if state is None else type(get_config(args.config)).from_dict(state["config"])
     )
     model = LALIC(config).to(device).train()
     if args.init is not None and state is None:
@@ -203,7 +205,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.eval_images and args.kodak.is_dir():
         for p in sorted(args.kodak.glob("*.png"))[: args.eval_images]:
             with Image.open(p) as im:
-                eval_images.append(np.asarray(im.convert("RGB"))[:512, :512])
+                eval_images.append(np.array(im.convert("RGB"))[:512, :512])
     log_path = run_dir / "log.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
     last_ckpt = time.monotonic()
@@ -245,7 +247,7 @@ def run_train(args: argparse.Namespace) -> int:
             if step % args.log_every == 0:
                 log.write(json.dumps({**record, "lr": lr_at(step, args), "time": time.time()}) + "\n")
                 log.flush()
-            if eval_images and (step % args.eval_every == 0 or step == args.steps):
+            if eval_images and (step == args.steps or (args.eval_every > 0 and step % args.eval_every == 0)):
                 ev = quick_eval(model, eval_images, [1.0, 3.0, 6.0] if config.variable_rate else [6.0])
                 log.write(json.dumps({"step": step, "eval": ev, "time": time.time()}) + "\n")
                 log.flush()

@@ -35,9 +35,28 @@ def test_training_reduces_loss_and_resumes(tmp_path: Path) -> None:
         img = np.stack([(xx * (3 + i)) % 256, (yy * 2) % 256, (xx + yy) % 256], -1).astype(np.uint8)
         Image.fromarray(img).save(data / f"img{i}.png")
     common = [
-        "--data", str(data), "--runs-dir", str(tmp_path / "runs"), "--run", "tiny", "--crop", "64",
-        "--batch-size", "2", "--lr", "1e-3", "--warmup", "1", "--eval-images", "0", "--log-every", "1",
-        "--threads", "1", "--quality", "6",
+        "--data",
+        str(data),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--run",
+        "tiny",
+        "--crop",
+        "64",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--eval-images",
+        "0",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+        "--quality",
+        "6",
     ]
     assert train_main([*common, "--steps", "12"]) == 0
     records = _log(tmp_path / "runs" / "tiny")
@@ -45,7 +64,12 @@ def test_training_reduces_loss_and_resumes(tmp_path: Path) -> None:
     assert [r["step"] for r in records] == list(range(1, 13))
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
 
-    assert train_main([*common, "--steps", "14", "--resume"]) == 0
+    # --eval-every 0: one quick eval, at the last step only
+    evals = ["--eval-images", "1", "--eval-every", "0", "--kodak", str(data)]
+    assert train_main([*common, "--steps", "14", "--resume", *evals]) == 0
     state = torch.load(tmp_path / "runs" / "tiny" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 14
-    assert [r["step"] for r in _log(tmp_path / "runs" / "tiny")][12:] == [13, 14]
+    resumed = _log(tmp_path / "runs" / "tiny")[12:]
+    assert [r["step"] for r in resumed] == [13, 14, 14]
+    assert [sorted(r["eval"]) for r in resumed if "eval" in r] == [["q1", "q3", "q6"]]
+    assert resumed[-1]["eval"]["q6"]["bpp"] > 0
