@@ -85,6 +85,43 @@ def rate_distortion(out: dict, x: torch.Tensor, lambdas: torch.Tensor) -> dict[s
     return {"loss": loss, "bpp": bpp.mean(), "mse": mse.mean(), "psnr": psnr}
 
 
+def optimisation_step(
+    net: torch.nn.Module,
+    model: LALIC,
+    opt: torch.optim.Optimizer,
+    aux_opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    quality: torch.Tensor,
+    lam: torch.Tensor,
+    clip: float = 1.0,
+    bf16: bool = False,
+    metric: str = "mse",
+) -> dict[str, torch.Tensor]:
+    """One Adam step on the rate-distortion loss and one on the prior's auxiliary loss.
+
+    ``net`` is ``model`` or its ``torch.compile`` wrapper. Returns the detached loss terms plus
+    ``aux`` (auxiliary loss) and ``grad`` (gradient norm before clipping).
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = net(x, quality)
+    terms = rate_distortion(out, x, lam)
+    if metric == "ms-ssim":
+        from model.metrics import ms_ssim_torch
+
+        ssim = ms_ssim_torch(out["x_hat"].float().clamp(0, 1), x)
+        terms["loss"] = (lam * (1 - ssim) + terms["bpp"]).mean()
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    main_params = [p for group in opt.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(main_params, clip)
+    opt.step()
+    aux_opt.zero_grad(set_to_none=True)
+    aux = model.aux_loss()
+    aux.backward()
+    aux_opt.step()
+    return {k: v.detach() for k, v in terms.items()} | {"aux": aux.detach(), "grad": grad_norm.detach()}
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up, constant, then a drop to lr/10 for the last ``drop_fraction`` of the steps."""
     if step < args.warmup:
@@ -223,25 +260,13 @@ def run_train(args: argparse.Namespace) -> int:
                 q = args.quality or float(len(lambdas))
                 quality = torch.full((x.shape[0],), q)
                 lam = torch.full((x.shape[0],), args.lmbda or lambdas[int(q) - 1].item())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                out = net(x, quality.to(device))
-            terms = rate_distortion(out, x, lam.to(device))
-            if args.metric == "ms-ssim":
-                from model.metrics import ms_ssim_torch
-
-                ssim = ms_ssim_torch(out["x_hat"].float().clamp(0, 1), x)
-                terms["loss"] = (lam.to(device) * (1 - ssim) + terms["bpp"]).mean()
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(main_params, args.clip)
-            opt.step()
-            aux_opt.zero_grad(set_to_none=True)
-            aux = model.aux_loss()
-            aux.backward()
-            aux_opt.step()
+            terms = optimisation_step(
+                net, model, opt, aux_opt, x, quality.to(device), lam.to(device),
+                clip=args.clip, bf16=args.bf16, metric=args.metric,
+            )  # fmt: skip
             step += 1
-            record = {k: round(float(v.detach()), 5) for k, v in terms.items()}
-            record.update(step=step, aux=round(float(aux.detach()), 3), grad=round(float(grad_norm), 3))
+            record = {k: round(float(v), 5) for k, v in terms.items() if k not in ("aux", "grad")}
+            record.update(step=step, aux=round(float(terms["aux"]), 3), grad=round(float(terms["grad"]), 3))
             bar.update(1)
             bar.set_postfix(loss=record["loss"], bpp=record["bpp"], psnr=record["psnr"])
             if step % args.log_every == 0:

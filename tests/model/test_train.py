@@ -73,3 +73,36 @@ def test_training_reduces_loss_and_resumes(tmp_path: Path) -> None:
     assert [r["step"] for r in resumed] == [13, 14, 14]
     assert [sorted(r["eval"]) for r in resumed if "eval" in r] == [["q1", "q3", "q6"]]
     assert resumed[-1]["eval"]["q6"]["bpp"] > 0
+
+
+@pytest.mark.usefixtures("keep_torch_threads")
+def test_train_step_benchmark_times_each_variant(tmp_path: Path) -> None:
+    """bench/train_step.py runs the real optimisation step per variant and reports medians."""
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("train_step_bench", bench / "train_step.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (72, 72, 3), dtype=np.uint8)).save(
+        data / "a.png"
+    )
+    out = tmp_path / "out"
+    argv = ["--variants", "fp32", "bf16", "--crops", "64", "--steps", "2", "--rounds", "1", "--warmup", "1"]
+    assert (
+        module.main([*argv, "--batch-size", "1", "--threads", "1", "--data", str(data), "--out", str(out)])
+        == 0
+    )
+    results = json.loads((out / "train-step.json").read_text())["results"]
+    assert sorted(results["64"]) == ["bf16", "fp32"]
+    for r in results["64"].values():
+        assert len(r["times"]) == 2 and r["median_s"] > 0 and len(r["warmup_s"]) == 1
+    table = (out / "train-step.md").read_text()
+    assert "| 64² | fp32 |" in table and "| 1.00 |" in table and "| 64² | bf16 |" in table
