@@ -40,7 +40,7 @@ from codec import ENV, Pauser, machine  # noqa: E402
 
 from model.configs import get_config  # noqa: E402
 from model.lalic import LALIC  # noqa: E402
-from model.train import DEFAULT_DATA, CropSampler, find_images, optimisation_step  # noqa: E402
+from model.train import DEFAULT_DATA, CropSampler, find_images, make_optimisers, optimisation_step  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "compile")
 
@@ -51,10 +51,7 @@ class Trainer:
     def __init__(self, variant: str, model: LALIC, lr: float) -> None:
         self.variant = variant
         self.model = copy.deepcopy(model).train()
-        main = [p for n, p in self.model.named_parameters() if not n.endswith("quantiles")]
-        aux = [p for n, p in self.model.named_parameters() if n.endswith("quantiles")]
-        self.opt = torch.optim.Adam(main, lr=lr)
-        self.aux_opt = torch.optim.Adam(aux, lr=1e-3)
+        self.opt, self.aux_opt = make_optimisers(self.model, lr, aux_lr=1e-3)
         self.net = torch.compile(self.model) if variant == "compile" else self.model
         self.bf16 = variant == "bf16"
 
@@ -78,10 +75,10 @@ def run(args: argparse.Namespace) -> dict:
             times = {t.variant: [] for t in trainers}
             warmup = {}
             failed = {}
+            # the same warm-up batches for every variant (compile: the first step compiles)
+            warm = [sampler.batch(args.batch_size, crop) for _ in range(args.warmup)]
+            qi = torch.randint(0, len(lambdas), (args.batch_size,))
             for t in trainers:
-                # the same warm-up batches for every variant (compile: the first step compiles)
-                warm = [sampler.batch(args.batch_size, crop) for _ in range(args.warmup)]
-                qi = torch.randint(0, len(lambdas), (args.batch_size,))
                 try:
                     warmup[t.variant] = [t.step(x, (qi + 1).float(), lambdas[qi]) for x in warm]
                 except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a C++ compiler

@@ -85,6 +85,13 @@ def rate_distortion(out: dict, x: torch.Tensor, lambdas: torch.Tensor) -> dict[s
     return {"loss": loss, "bpp": bpp.mean(), "mse": mse.mean(), "psnr": psnr}
 
 
+def make_optimisers(model: LALIC, lr: float, aux_lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for the network and a separate Adam for the factorised prior's ``quantiles`` (aux loss)."""
+    main = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
+    return torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=aux_lr)
+
+
 def optimisation_step(
     net: torch.nn.Module,
     model: LALIC,
@@ -221,10 +228,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.init is not None and state is None:
         _, init_state = read_weights(args.init)  # a training checkpoint or a (float16) weight file
         model.load_state_dict(init_state)
-    main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
-    aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
-    opt = torch.optim.Adam(main_params, lr=args.lr)
-    aux_opt = torch.optim.Adam(aux_params, lr=args.aux_lr)
+    opt, aux_opt = make_optimisers(model, args.lr, args.aux_lr)
     sampler = CropSampler(find_images(args.data), args.crop, args.seed)
     step = 0
     if state is not None:
