@@ -81,3 +81,10 @@ def test_malloc_thresholds_are_exported_for_child_processes() -> None:
     for variable in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         assert int(os.environ[variable]) > 0
     assert MALLOC_THRESHOLD == 4294967296
+
+
+def test_entropy_thread_default_matches_the_codec() -> None:
+    """Settings stays importable without torch, so it repeats the codec's default: keep them equal."""
+    from model.codec import ENTROPY_THREADS
+
+    assert Settings.model_fields["entropy_threads"].default == ENTROPY_THREADS
