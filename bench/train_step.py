@@ -51,7 +51,7 @@ class Trainer:
     def __init__(self, variant: str, model: LALIC, lr: float) -> None:
         self.variant = variant
         self.model = copy.deepcopy(model).train()
-        self.opt, self.aux_opt = make_optimisers(self.model, lr, aux_lr=1e-3)
+        self.opt, self.aux_opt = make_optimisers(self.model, lr)
         self.net = torch.compile(self.model) if variant == "compile" else self.model
         self.bf16 = variant == "bf16"
 

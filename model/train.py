@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "train"
 DEFAULT_KODAK = REPO.parent / "shared" / "datasets" / "kodak"
 DEFAULT_RUNS = Path.home() / ".cache" / "lalic" / "runs"
+AUX_LR = 1e-3  # Adam learning rate for the factorised prior's quantiles (aux loss)
 
 
 def find_images(folders: list[Path]) -> list[Path]:
@@ -85,7 +86,9 @@ def rate_distortion(out: dict, x: torch.Tensor, lambdas: torch.Tensor) -> dict[s
     return {"loss": loss, "bpp": bpp.mean(), "mse": mse.mean(), "psnr": psnr}
 
 
-def make_optimisers(model: LALIC, lr: float, aux_lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+def make_optimisers(
+    model: LALIC, lr: float, aux_lr: float = AUX_LR
+) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Adam for the network and a separate Adam for the factorised prior's ``quantiles`` (aux loss)."""
     main = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
@@ -189,7 +192,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=128, help="random crop size (128 or 256)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--aux-lr", type=float, default=1e-3)
+    p.add_argument("--aux-lr", type=float, default=AUX_LR)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--drop-fraction", type=float, default=0.1, help="final fraction at lr/10")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
