@@ -81,8 +81,13 @@ def test_image(width: int, height: int) -> np.ndarray:
 def _stub_compressai() -> None:
     """Import CompressAI's image models without its dataset/registry dependencies (torchvision,
     requests, pandas, torch_geometric): stub those, and skip ``compressai/__init__``."""
-    for name in ("torchvision", "torchvision.transforms", "requests", "torch_geometric",
-                 "torch_geometric.transforms"):
+    for name in (
+        "torchvision",
+        "torchvision.transforms",
+        "requests",
+        "torch_geometric",
+        "torch_geometric.transforms",
+    ):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     sys.modules["torch_geometric"].transforms = sys.modules["torch_geometric.transforms"]
@@ -145,8 +150,11 @@ def run_compressai(name: str, image: np.ndarray, runs: int, threads: int) -> dic
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cls = {"bmshj2018-hyperprior": ScaleHyperprior, "mbt2018-mean": MeanScaleHyperprior,
-           "cheng2020-anchor": Cheng2020Anchor}[name]
+    cls = {
+        "bmshj2018-hyperprior": ScaleHyperprior,
+        "mbt2018-mean": MeanScaleHyperprior,
+        "cheng2020-anchor": Cheng2020Anchor,
+    }[name]
     net = (cls(128) if cls is Cheng2020Anchor else cls(128, 192)).eval()
     net.update(force=True)
     h, w = image.shape[:2]
@@ -341,30 +349,74 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
     lalic = [f"lalic:{b}" for b in args.backends]
     # Per-stage LALIC tables
     for size in sizes:
-        lines += [f"## LALIC stages at {size}", "",
-                  fmt_row(["backend", "direction", "analysis", "hyper", "entropy params", "range coding",
-                           "synthesis", "total (median / p90)", "peak RSS MB", "other load"]),
-                  fmt_row(["---"] * 10)]
+        lines += [
+            f"## LALIC stages at {size}",
+            "",
+            fmt_row(
+                [
+                    "backend",
+                    "direction",
+                    "analysis",
+                    "hyper",
+                    "entropy params",
+                    "range coding",
+                    "synthesis",
+                    "total (median / p90)",
+                    "peak RSS MB",
+                    "other load",
+                ]
+            ),
+            fmt_row(["---"] * 10),
+        ]
         for name in lalic:
             r = by_key.get((name, size))
             if r is None or "error" in r:
-                lines.append(fmt_row([name[6:], "-", "-", "-", "-", "-", "-",
-                                      (r or {}).get("error", "skipped"), "-", "-"]))
+                lines.append(
+                    fmt_row(
+                        [name[6:], "-", "-", "-", "-", "-", "-", (r or {}).get("error", "skipped"), "-", "-"]
+                    )
+                )
                 continue
             for direction in ("encode", "decode"):
                 st = r[direction]
                 cell = lambda k, st=st: f"{stats(st[k])[0]:.0f}" if k in st else "-"  # noqa: E731
                 med, p90 = stats(st["total"])
-                lines.append(fmt_row([name[6:], direction, cell("analysis"), cell("hyper"),
-                                      cell("entropy_parameters"), cell("entropy_coding"), cell("synthesis"),
-                                      f"**{med:.0f}** / {p90:.0f}", f"{r['maxrss_mb']:.0f}",
-                                      f"{100 * r['other_load']:.0f} %"]))
+                lines.append(
+                    fmt_row(
+                        [
+                            name[6:],
+                            direction,
+                            cell("analysis"),
+                            cell("hyper"),
+                            cell("entropy_parameters"),
+                            cell("entropy_coding"),
+                            cell("synthesis"),
+                            f"**{med:.0f}** / {p90:.0f}",
+                            f"{r['maxrss_mb']:.0f}",
+                            f"{100 * r['other_load']:.0f} %",
+                        ]
+                    )
+                )
         lines.append("")
     # Peers side by side
-    lines += ["## Side by side (total ms, median; ratio = peer time / LALIC torch time)", "",
-              fmt_row(["codec", "size", "encode ms", "decode ms", "bytes", "encode ratio", "decode ratio",
-                       "peak RSS MB", "other load"]),
-              fmt_row(["---"] * 9)]
+    lines += [
+        "## Side by side (total ms, median; ratio = peer time / LALIC torch time)",
+        "",
+        fmt_row(
+            [
+                "codec",
+                "size",
+                "encode ms",
+                "decode ms",
+                "bytes",
+                "encode ratio",
+                "decode ratio",
+                "peak RSS MB",
+                "other load",
+            ]
+        ),
+        fmt_row(["---"] * 9),
+    ]
     for size in sizes:
         ref = by_key.get(("lalic:torch", size))
         ref_ok = ref is not None and "error" not in ref
@@ -382,17 +434,44 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
                 ratios = [f"{renc:.2f}", f"{rdec:.2f}"]
             else:
                 ratios = ["-", "-"]
-            lines.append(fmt_row([name, size, ms(enc), ms(dec), f"{r['bytes']:,}", *ratios,
-                                  f"{r['maxrss_mb']:.0f}", f"{100 * r['other_load']:.0f} %"]))
+            lines.append(
+                fmt_row(
+                    [
+                        name,
+                        size,
+                        ms(enc),
+                        ms(dec),
+                        f"{r['bytes']:,}",
+                        *ratios,
+                        f"{r['maxrss_mb']:.0f}",
+                        f"{100 * r['other_load']:.0f} %",
+                    ]
+                )
+            )
     lines.append("")
     # Scaling with pixels
-    lines += ["## Time per megapixel and scaling exponent", "",
-              "Exponent b of time = a * pixels^b fitted over the sizes measured (1.0 = linear).", "",
-              fmt_row(["codec", "encode ms/MP (largest size)", "decode ms/MP (largest size)",
-                       "encode exponent", "decode exponent"]), fmt_row(["---"] * 5)]
+    lines += [
+        "## Time per megapixel and scaling exponent",
+        "",
+        "Exponent b of time = a * pixels^b fitted over the sizes measured (1.0 = linear).",
+        "",
+        fmt_row(
+            [
+                "codec",
+                "encode ms/MP (largest size)",
+                "decode ms/MP (largest size)",
+                "encode exponent",
+                "decode exponent",
+            ]
+        ),
+        fmt_row(["---"] * 5),
+    ]
     for name in lalic + args.peers:
-        pts = [(px(size), by_key[(name, size)]) for size in sizes
-               if (name, size) in by_key and "error" not in by_key[(name, size)]]
+        pts = [
+            (px(size), by_key[(name, size)])
+            for size in sizes
+            if (name, size) in by_key and "error" not in by_key[(name, size)]
+        ]
         if len(pts) < 1:
             continue
         row = [name]
@@ -409,9 +488,15 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
     lines.append("")
     loads = [r["other_load"] for r in results if "other_load" in r]
     noisy = [x for x in loads if x > 0.05]
-    lines.append(f"Quietness: {len(loads) - len(noisy)} of {len(loads)} runs had other load <= 5 %"
-                 + (f"; other load ranged {100 * min(loads):.0f}-{100 * max(loads):.0f} % "
-                    f"(median {100 * statistics.median(loads):.0f} %)." if loads else "."))
+    lines.append(
+        f"Quietness: {len(loads) - len(noisy)} of {len(loads)} runs had other load <= 5 %"
+        + (
+            f"; other load ranged {100 * min(loads):.0f}-{100 * max(loads):.0f} % "
+            f"(median {100 * statistics.median(loads):.0f} %)."
+            if loads
+            else "."
+        )
+    )
     if meta.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(meta["skipped"]) + "."]
     (out / "codec.md").write_text("\n".join(lines) + "\n")
@@ -431,8 +516,11 @@ def plot(results: list[dict], args: argparse.Namespace, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, direction in zip(axes, ("encode", "decode"), strict=True):
         for name in [f"lalic:{b}" for b in args.backends] + args.peers:
-            pts = sorted((px(r["size"]) / 1e6, stats(r[direction]["total"])[0] / 1e3)
-                         for r in results if r["codec"] == name and "error" not in r)
+            pts = sorted(
+                (px(r["size"]) / 1e6, stats(r[direction]["total"])[0] / 1e3)
+                for r in results
+                if r["codec"] == name and "error" not in r
+            )
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         ax.set_xscale("log")
@@ -460,16 +548,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-runs", type=int, default=2, help="timed runs above 2 megapixels (default 2)")
     parser.add_argument("--quality", type=float, default=3.0, help="LALIC quality (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--slow-max-pixels", type=int, default=512 * 512,
-                        help="largest size for cheng2020-anchor, whose decoder is serial (default 512x512)")
+    parser.add_argument(
+        "--slow-max-pixels",
+        type=int,
+        default=512 * 512,
+        help="largest size for cheng2020-anchor, whose decoder is serial (default 512x512)",
+    )
     parser.add_argument("--slow-runs", type=int, default=1, help="timed runs of cheng2020-anchor (default 1)")
-    parser.add_argument("--autogroup-nice", type=int, metavar="N",
-                        help="set this session's scheduler autogroup nice (e.g. -10) while benchmarking")
+    parser.add_argument(
+        "--autogroup-nice",
+        type=int,
+        metavar="N",
+        help="set this session's scheduler autogroup nice (e.g. -10) while benchmarking",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per codec and size")
     parser.add_argument("--pause", metavar="PIDFILE", help="SIGSTOP this pid while timing (always resumed)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output folder")
-    parser.add_argument("--from-json", metavar="PATH",
-                        help="only re-render codec.md and the plot from a codec.json")
+    parser.add_argument(
+        "--from-json", metavar="PATH", help="only re-render codec.md and the plot from a codec.json"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.from_json:
@@ -504,21 +601,31 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(f"cheng2020-anchor at {size} (serial decoder; > --slow-max-pixels)")
                 continue
             n = args.slow_runs if name == "cheng2020-anchor" else runs
-            jobs.append({"codec": name, "size": [w, h], "runs": n, "quality": args.quality,
-                         "threads": args.threads})
+            jobs.append(
+                {"codec": name, "size": [w, h], "runs": n, "quality": args.quality, "threads": args.threads}
+            )
     results = []
     for spec in tqdm(jobs, desc="codec x size", unit="run"):
         r = run_child(spec, pauser, args.timeout)
         r.update(codec=spec["codec"], size=f"{spec['size'][0]}x{spec['size'][1]}", runs=spec["runs"])
         results.append(r)
-        tqdm.write(f"{r['codec']:>22} {r['size']:>10}: " + (
-            str(r["error"]) if "error" in r else
-            f"enc {stats(r['encode']['total'])[0]:.0f} ms, dec {stats(r['decode']['total'])[0]:.0f} ms, "
-            f"{r['maxrss_mb']:.0f} MB, other load {100 * r['other_load']:.0f} %"))
-    meta = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-            "skipped": skipped}
-    (out / "codec.json").write_text(json.dumps({"meta": meta, "args": vars(args) | {"argv": args.argv},
-                                                "results": results}, indent=1))
+        if "error" in r:
+            summary = str(r["error"])
+        else:
+            enc, dec = stats(r["encode"]["total"])[0], stats(r["decode"]["total"])[0]
+            summary = (
+                f"enc {enc:.0f} ms, dec {dec:.0f} ms, {r['maxrss_mb']:.0f} MB, "
+                f"other load {100 * r['other_load']:.0f} %"
+            )
+        tqdm.write(f"{r['codec']:>22} {r['size']:>10}: {summary}")
+    meta = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "skipped": skipped,
+    }
+    (out / "codec.json").write_text(
+        json.dumps({"meta": meta, "args": vars(args) | {"argv": args.argv}, "results": results}, indent=1)
+    )
     write_report(results, args, meta, out)
     plot(results, args, out)
     print((out / "codec.md").read_text())

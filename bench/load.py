@@ -51,9 +51,17 @@ def free_port() -> int:
 def service(args: argparse.Namespace, batch: int, queue: int | None = None):
     """Start ``python -m service`` with the given batching; yield its base URL; stop it."""
     port = free_port()
-    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT), "LALIC_PORT": str(port), "LALIC_HOST": "127.0.0.1",
-           "LALIC_MAX_BATCH_SIZE": str(batch), "LALIC_QUALITIES": str(int(args.quality)),
-           "LALIC_LOG_LEVEL": "warning", "LALIC_BACKEND": args.backend}
+    env = {
+        **os.environ,
+        **ENV,
+        "PYTHONPATH": str(ROOT),
+        "LALIC_PORT": str(port),
+        "LALIC_HOST": "127.0.0.1",
+        "LALIC_MAX_BATCH_SIZE": str(batch),
+        "LALIC_QUALITIES": str(int(args.quality)),
+        "LALIC_LOG_LEVEL": "warning",
+        "LALIC_BACKEND": args.backend,
+    }
     if args.weights:
         env["LALIC_WEIGHTS"] = args.weights
     else:
@@ -63,8 +71,14 @@ def service(args: argparse.Namespace, batch: int, queue: int | None = None):
     log = open(Path(args.out) / f"service-batch{batch}.log", "w")  # noqa: SIM115
     # own process group (to stop it with its children) but the same session: a new session would
     # be a new scheduler autogroup, outside --autogroup-nice
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, process_group=0)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        process_group=0,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx
@@ -91,8 +105,9 @@ def service(args: argparse.Namespace, batch: int, queue: int | None = None):
         log.close()
 
 
-async def load(url: str, endpoint: str, body: bytes, content_type: str, clients: int,
-               duration: float, quality: float) -> dict:
+async def load(
+    url: str, endpoint: str, body: bytes, content_type: str, clients: int, duration: float, quality: float
+) -> dict:
     """Closed-loop clients for ``duration`` s; returns latencies (s) of successes and status counts."""
     import httpx
 
@@ -132,8 +147,15 @@ async def load(url: str, endpoint: str, body: bytes, content_type: str, clients:
 def summarize(res: dict) -> dict:
     lat = np.array(res["latencies"]) * 1e3
     pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: float("nan"))
-    return {"ok": int(lat.size), "throughput": lat.size / res["elapsed"], "p50": pct(50), "p95": pct(95),
-            "p99": pct(99), "statuses": res["statuses"], "elapsed": res["elapsed"]}
+    return {
+        "ok": int(lat.size),
+        "throughput": lat.size / res["elapsed"],
+        "p50": pct(50),
+        "p95": pct(95),
+        "p99": pct(99),
+        "statuses": res["statuses"],
+        "elapsed": res["elapsed"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,22 +163,32 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8],
-                        help="LALIC_MAX_BATCH_SIZE values")
-    parser.add_argument("--endpoints", nargs="+", default=["compress", "decompress"],
-                        choices=["compress", "decompress"])
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 8], help="LALIC_MAX_BATCH_SIZE values"
+    )
+    parser.add_argument(
+        "--endpoints", nargs="+", default=["compress", "decompress"], choices=["compress", "decompress"]
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per run (default 20)")
     parser.add_argument("--size", default="768x512", help="image size WIDTHxHEIGHT (default 768x512)")
     parser.add_argument("--quality", type=float, default=3.0)
     parser.add_argument("--backend", default="torchscript", choices=["torch", "torchscript", "onnxruntime"])
     parser.add_argument("--weights", help="weight file (default: random lalic-s weights)")
-    parser.add_argument("--overload-queue", type=int, default=8,
-                        help="queue size of the extra 64-client overload run (0 = skip)")
+    parser.add_argument(
+        "--overload-queue",
+        type=int,
+        default=8,
+        help="queue size of the extra 64-client overload run (0 = skip)",
+    )
     parser.add_argument("--only-overload", action="store_true", help="run the overload check only")
     parser.add_argument("--startup-timeout", type=float, default=300)
     parser.add_argument("--pause", metavar="PIDFILE", help="SIGSTOP this pid while testing (always resumed)")
-    parser.add_argument("--autogroup-nice", type=int, metavar="N",
-                        help="set this session's scheduler autogroup nice (e.g. -10) while testing")
+    parser.add_argument(
+        "--autogroup-nice",
+        type=int,
+        metavar="N",
+        help="set this session's scheduler autogroup nice (e.g. -10) while testing",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     from PIL import Image
@@ -180,11 +212,18 @@ def main(argv: list[str] | None = None) -> int:
             with service(args, batch, queue) as url:
                 import httpx
 
-                stream = httpx.post(f"{url}/compress?quality={args.quality:g}", content=png,
-                                    headers={"Content-Type": "image/png"}, timeout=120).content
+                stream = httpx.post(
+                    f"{url}/compress?quality={args.quality:g}",
+                    content=png,
+                    headers={"Content-Type": "image/png"},
+                    timeout=120,
+                ).content
                 bodies = {"compress": (png, "image/png"), "decompress": (stream, "application/x-lalic")}
-                runs = ([(e, c) for e in args.endpoints for c in args.concurrency] if queue is None
-                        else [(e, 64) for e in args.endpoints])
+                runs = (
+                    [(e, c) for e in args.endpoints for c in args.concurrency]
+                    if queue is None
+                    else [(e, 64) for e in args.endpoints]
+                )
                 desc = f"batch {batch}" + (f", queue {queue}" if queue else "")
                 for endpoint, clients in tqdm(runs, desc=desc):
                     body, ctype = bodies[endpoint]
@@ -193,17 +232,26 @@ def main(argv: list[str] | None = None) -> int:
                     res = asyncio.run(load(url, endpoint, body, ctype, clients, args.duration, args.quality))
                     busy1, total1 = cpu_jiffies()
                     row = summarize(res) | {
-                        "batch": batch, "queue": queue or "default", "endpoint": endpoint, "clients": clients,
+                        "batch": batch,
+                        "queue": queue or "default",
+                        "endpoint": endpoint,
+                        "clients": clients,
                         "machine_busy": (busy1 - busy0) / (total1 - total0),
                     }
                     rows.append(row)
-                    tqdm.write(f"batch {batch} q {queue or 'default'} {endpoint:>10} x{clients:<3}: "
-                               f"{row['throughput']:.2f} req/s, p50 {row['p50']:.0f} ms, "
-                               f"p95 {row['p95']:.0f} ms, "
-                               f"p99 {row['p99']:.0f} ms, statuses {row['statuses']}")
-    meta = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-            "args": {k: v for k, v in vars(args).items()}, "argv": sys.argv[1:] if argv is None else argv,
-            "bytes": {"png": len(png)}}
+                    tqdm.write(
+                        f"batch {batch} q {queue or 'default'} {endpoint:>10} x{clients:<3}: "
+                        f"{row['throughput']:.2f} req/s, p50 {row['p50']:.0f} ms, "
+                        f"p95 {row['p95']:.0f} ms, "
+                        f"p99 {row['p99']:.0f} ms, statuses {row['statuses']}"
+                    )
+    meta = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "args": {k: v for k, v in vars(args).items()},
+        "argv": sys.argv[1:] if argv is None else argv,
+        "bytes": {"png": len(png)},
+    }
     (out / "load.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# Service load test",
@@ -221,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         st = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))
-        lines.append(f"| {r['batch']} | {r['queue']} | {r['endpoint']} | {r['clients']} | "
-                     f"{r['throughput']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {st} | "
-                     f"{100 * r['machine_busy']:.0f} % |")
+        lines.append(
+            f"| {r['batch']} | {r['queue']} | {r['endpoint']} | {r['clients']} | "
+            f"{r['throughput']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {st} | "
+            f"{100 * r['machine_busy']:.0f} % |"
+        )
     (out / "load.md").write_text("\n".join(lines) + "\n")
     plot(rows, out)
     print("\n".join(lines))
@@ -239,8 +289,11 @@ def plot(rows: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, endpoint in zip(axes, ("compress", "decompress"), strict=True):
         for batch in sorted({r["batch"] for r in rows}):
-            pts = [(r["clients"], r["p50"], r["p95"]) for r in rows
-                   if r["endpoint"] == endpoint and r["batch"] == batch and r["queue"] == "default"]
+            pts = [
+                (r["clients"], r["p50"], r["p95"])
+                for r in rows
+                if r["endpoint"] == endpoint and r["batch"] == batch and r["queue"] == "default"
+            ]
             if not pts:
                 continue
             c, p50, p95 = zip(*sorted(pts), strict=True)

@@ -98,15 +98,19 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mode = "tiled" if r["tiled"] else "whole"
-        print(f"| {r['size']} | {r['quality']:g} | {mode} | {r['bpp']:.4f} | {r['psnr']:.3f} | "
-              f"{r['encode_s']:.1f} | {r['decode_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+        print(
+            f"| {r['size']} | {r['quality']:g} | {mode} | {r['bpp']:.4f} | {r['psnr']:.3f} | "
+            f"{r['encode_s']:.1f} | {r['decode_s']:.1f} | {r['peak_rss_gb']:.2f} |"
+        )
     for size in args.sizes:
         for q in args.quality:
             pair = {r["tiled"]: r for r in rows if r["size"] == size and r["quality"] == q}
             if len(pair) == 2:
                 rate = 100 * (pair[True]["bpp"] / pair[False]["bpp"] - 1)
-                print(f"{size} q{q:g}: tiling costs {rate:+.2f} % rate, "
-                      f"{pair[True]['psnr'] - pair[False]['psnr']:+.3f} dB")
+                print(
+                    f"{size} q{q:g}: tiling costs {rate:+.2f} % rate, "
+                    f"{pair[True]['psnr'] - pair[False]['psnr']:+.3f} dB"
+                )
     return 0
 
 

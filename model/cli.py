@@ -38,8 +38,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     Path(args.output).write_bytes(data)
     h, w = image.shape[:2]
-    print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp, {w}x{h}, "
-          f"quality {args.quality:g}, {elapsed:.2f} s")
+    print(
+        f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp, {w}x{h}, "
+        f"quality {args.quality:g}, {elapsed:.2f} s"
+    )
     return 0
 
 
@@ -92,8 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="image file -> .lalic bitstream")
     p.add_argument("input", help="image (PNG, JPEG, WebP, AVIF, TIFF, BMP, ...)")
     p.add_argument("output", help="bitstream file to write")
-    p.add_argument("--quality", "-q", type=float, default=3.0,
-                   help="quality in [1, 6]; fractional values interpolate (default 3)")
+    p.add_argument(
+        "--quality",
+        "-q",
+        type=float,
+        default=3.0,
+        help="quality in [1, 6]; fractional values interpolate (default 3)",
+    )
     codec_options(p)
     p.set_defaults(func=cmd_compress)
 

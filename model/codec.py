@@ -127,7 +127,11 @@ class Codec:
         self._z_tables = self.net.entropy_bottleneck.tables()
         # the networks behind the chosen backend (model.export); the coding loop stays Python
         self._stages = load_stages(
-            self.net, backend, self.weights_digest, export_dir=export_dir, threads=threads,
+            self.net,
+            backend,
+            self.weights_digest,
+            export_dir=export_dir,
+            threads=threads,
             device=self.device,
         )
 

@@ -187,6 +187,7 @@ def script_stage(module: nn.Module) -> torch.jit.ScriptModule:
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.freeze(torch.jit.script(module.eval()))
 
+
 def code_fingerprint() -> str:
     """Hash of the network code, torch version and opset: exports from other code are stale."""
     h = hashlib.sha256()
@@ -337,8 +338,13 @@ def _onnx_export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple) ->
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
-            module.eval(), args, dynamo=True, dynamic_shapes=dynamic, opset_version=OPSET,
-            optimize=True, verbose=False,
+            module.eval(),
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
         )
 
 
@@ -582,8 +588,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random", metavar="CONFIG", help="export randomly initialised weights of CONFIG")
     parser.add_argument("--format", choices=["onnx", "torchscript", "all"], default="all")
     parser.add_argument("--output", "-o", default="export", help="output directory (default: ./export)")
-    parser.add_argument("--check", action="store_true",
-                        help="round-trip a test image through each exported backend afterwards")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="round-trip a test image through each exported backend afterwards",
+    )
 
 
 def _check_against_eager(eager: Any, exported: Any) -> str:
@@ -599,8 +608,11 @@ def _check_against_eager(eager: Any, exported: Any) -> str:
     same_stream = data == eager.compress(image, 3.0)
     try:
         diff = int(np.abs(eager.decompress(data).astype(int) - own.astype(int)).max())
-        decoded = "eager decodes it to the same pixels" if diff == 0 else (
-            f"eager decodes it within {diff} level(s)")
+        decoded = (
+            "eager decodes it to the same pixels"
+            if diff == 0
+            else (f"eager decodes it within {diff} level(s)")
+        )
     except BitstreamError:
         decoded = "eager refuses it (entropy parameters differ: BitstreamError)"
     stream = "same stream as eager" if same_stream else "stream differs from eager"
@@ -617,11 +629,18 @@ def run_export(args: argparse.Namespace) -> int:
     for fmt in formats:
         start = time.perf_counter()
         target = out / fmt
-        export_stages(codec.net, target, fmt, codec.weights_digest,
-                      progress=lambda name, fmt=fmt: print(f"  {fmt}: {name}", flush=True))
+        export_stages(
+            codec.net,
+            target,
+            fmt,
+            codec.weights_digest,
+            progress=lambda name, fmt=fmt: print(f"  {fmt}: {name}", flush=True),
+        )
         size = sum(p.stat().st_size for p in target.iterdir())
-        print(f"{target}: {len(read_manifest(target)['stages'])} stages, {size / 1e6:.1f} MB, "
-              f"{time.perf_counter() - start:.0f} s")
+        print(
+            f"{target}: {len(read_manifest(target)['stages'])} stages, {size / 1e6:.1f} MB, "
+            f"{time.perf_counter() - start:.0f} s"
+        )
         if args.check:
             backend = "onnxruntime" if fmt == "onnx" else "torchscript"
             exported = Codec(codec.net, backend=backend, export_dir=str(target))

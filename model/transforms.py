@@ -71,7 +71,13 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         if not torch.is_grad_enabled():
             x = x.contiguous(memory_format=torch.channels_last)
         return F.conv_transpose2d(
-            x, self.weight, self.bias, self.stride, self.padding, self.output_padding, self.groups,
+            x,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.output_padding,
+            self.groups,
             self.dilation,
         )
 
@@ -81,9 +87,7 @@ def conv(cin: int, cout: int, kernel: int, stride: int = 2) -> nn.Conv2d:
 
 
 def deconv(cin: int, cout: int, kernel: int, stride: int = 2) -> ConvTranspose2d:
-    return ConvTranspose2d(
-        cin, cout, kernel, stride=stride, padding=kernel // 2, output_padding=stride - 1
-    )
+    return ConvTranspose2d(cin, cout, kernel, stride=stride, padding=kernel // 2, output_padding=stride - 1)
 
 
 def analysis_transform(widths: Sequence[int], depths: Sequence[int], latent: int) -> nn.Sequential:
