@@ -33,9 +33,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) deploy-tools
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+test: lint deploy-tools
 	$(PY) -m pytest -q --durations=15
 
 clean:
