@@ -13,11 +13,13 @@ it, do not depend on what else was in the batch (oneDNN and BLAS choose kernels 
 and a last-bit difference in y flips a rounded symbol). The entropy-parameter path (h_s onwards,
 which decides the coding distributions) is pinned to ``entropy_threads`` torch threads (default
 2), so the decoder's distributions do not depend on the caller's thread count either; 1 and 2
-entropy threads give identical streams on our CPUs (the parameter networks are pointwise GEMMs,
+entropy threads gave identical streams on our CPUs (the parameter networks are pointwise GEMMs,
 split by rows, not along their reductions; ``tests/model/test_codec.py``), and 2 decode a 768x512
-image about 60 ms faster on 2 cores. g_a and g_s run with the caller's threads: measured here,
-1 vs 2 threads gave identical streams, and decoded images that differ by at most one 8-bit level
-at a few pixels (g_s reductions split by thread).
+image about 60 ms faster on 2 cores. The means are bit-identical on the AMD EPYCs but not on an
+Intel Xeon (Sapphire Rapids), where 1 of 147 456 decoded values differed by one 8-bit level, so
+encoder and decoder should keep the same ``entropy_threads``. g_a and g_s run with the caller's
+threads: measured here, 1 vs 2 threads gave identical streams, and decoded images that differ by
+at most one 8-bit level at a few pixels (g_s reductions split by thread).
 Backends (``backend=``, :mod:`model.export`): ``"torch"`` (eager), ``"torchscript"`` (scripted
 and frozen stages) and ``"onnxruntime"`` (every stage exported to ONNX, cached per weights and
 code version, or loaded from ``export_dir``). Only the networks change; entropy coding and the

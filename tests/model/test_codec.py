@@ -111,16 +111,19 @@ def test_thread_count_does_not_change_streams(codec: Codec) -> None:
 
 
 def test_entropy_thread_count_does_not_change_streams(codec: Codec) -> None:
-    """The pinned entropy-parameter path gives the same streams with 1 or 2 threads, so a decoder
-    may use either (checked by hand on 4 Kodak images x 7 qualities, shipped and random weights:
-    56 of 56 streams identical)."""
+    """The pinned entropy-parameter path gives the same streams with 1 or 2 threads (checked by hand
+    on 4 Kodak images x 7 qualities, shipped and random weights: 56 of 56 streams identical). The
+    means behind y_hat are bit-identical on the AMD EPYCs, not on an Intel Xeon (Sapphire Rapids):
+    there one decoded value of 147 456 differed by one level, so the images may differ by that."""
     one_thread = Codec(codec.net, entropy_threads=1)
     assert codec.entropy_threads == 2
     for quality, seed in ((1, 1), (3.5, 2), (6, 3)):
         image = smooth_image(192, 256, seed=seed)
         stream = codec.compress(image, quality)
         assert one_thread.compress(image, quality) == stream
-        np.testing.assert_array_equal(one_thread.decompress(stream), codec.decompress(stream))
+        a, b = one_thread.decompress(stream), codec.decompress(stream)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+        assert np.count_nonzero(a != b) <= a.size // 10_000
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 70), (64, 64), (63, 65), (130, 17)])
