@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from fuzz.fuzz_decoder import CORPUS_DIR, Guard, InputTimeoutError, InvariantError, repair_crcs
+from fuzz.make_corpus import check_corpus
 from model.bitstream import BitstreamError, unpack
+from model.codec import Codec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "fuzz" / "fuzz_decoder.py"
@@ -27,9 +29,12 @@ BUDGET_S = 60.0
 needs_atheris = pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="no atheris")
 
 
-def run_fuzzer(tmp_path: Path, target: str, runs: int) -> tuple[str, dict[str, object]]:
-    """Fuzz ``target`` for ``runs`` inputs; returns the output and the last JSON statistics line."""
+def run_fuzzer(
+    tmp_path: Path, target: str, runs: int, corpus: Path = CORPUS_DIR
+) -> tuple[str, dict[str, object]]:
+    """Fuzz ``target`` for ``runs`` inputs from ``corpus``; returns the output and the last statistics."""
     command = [sys.executable, str(SCRIPT), "--target", target, "--runs", str(runs), "--seed", "7"]
+    command += ["--corpus", str(corpus)]
     command += ["--work-dir", str(tmp_path / "work"), "--artifacts", str(tmp_path / "crashes")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
@@ -45,7 +50,10 @@ def run_fuzzer(tmp_path: Path, target: str, runs: int) -> tuple[str, dict[str, o
 
 
 def test_seed_corpus_is_current() -> None:
-    """Stale seeds (other weights, another format) would all stop at the first check: regenerate them."""
+    """Stale seeds (other weights, another format) would all stop at the first check: regenerate them.
+
+    ``make_corpus.py --check`` compares what does not depend on the CPU (see its docstring).
+    """
     result = subprocess.run(
         [sys.executable, str(REPO / "fuzz" / "make_corpus.py"), "--check"],
         capture_output=True,
@@ -62,11 +70,47 @@ def test_parser_target_short(tmp_path: Path) -> None:
     assert stats["inputs"] == PARSER_RUNS and stats["accepted"] >= 1
 
 
+def test_check_corpus_names_what_is_stale() -> None:
+    committed = {path.name: path.read_bytes() for path in sorted(CORPUS_DIR.glob("*.lalic"))}
+    codec = Codec.random("lalic-s", seed=0, device="cpu", backend="torch", entropy_threads=1)
+    assert check_corpus(committed, committed, codec) == []
+    missing = dict(committed)
+    del missing["q3-smooth-64x64.lalic"]
+    assert check_corpus(missing, committed, codec) == ["seed names differ: ['q3-smooth-64x64.lalic']"]
+    swapped = {**committed, "q3-smooth-64x64.lalic": committed["q4-smooth-64x64.lalic"]}
+    assert check_corpus(swapped, committed, codec) == ["q3-smooth-64x64.lalic: header differs"]
+    mutated = {}
+    for name, data in committed.items():  # every payload altered, CRCs repaired: decodes wrong or is refused
+        flipped = bytearray(data)
+        flipped[-5] ^= 0x5A
+        mutated[name] = repair_crcs(bytes(flipped))
+    assert check_corpus(mutated, committed, codec) == ["22 of 22 payloads differ: the coding loop changed"]
+
+    class BrokenDecoder:
+        def decompress(self, data: bytes) -> None:
+            raise IndexError("out of range")
+
+    one = {**committed, "q1-noise-64x64.lalic": mutated["q1-noise-64x64.lalic"]}
+    assert check_corpus(one, committed, BrokenDecoder()) == [
+        "q1-noise-64x64.lalic: decoding raised IndexError: out of range"
+    ]
+
+
 @needs_atheris
 def test_decoder_target_short(tmp_path: Path) -> None:
-    _, stats = run_fuzzer(tmp_path, "decoder", DECODER_RUNS)
+    """Seeds written on this machine all decode here (a stream from another CPU may be refused)."""
+    corpus = tmp_path / "corpus"
+    made = subprocess.run(
+        [sys.executable, str(REPO / "fuzz" / "make_corpus.py"), "--out", str(corpus)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    _, stats = run_fuzzer(tmp_path, "decoder", DECODER_RUNS, corpus)
     assert stats["inputs"] == DECODER_RUNS
-    assert stats["accepted"] >= len(list(CORPUS_DIR.glob("*.lalic")))  # every seed decodes
+    assert stats["accepted"] >= len(list(corpus.glob("*.lalic"))) == 22  # every seed decodes
 
 
 def test_repair_crcs_reaches_past_the_checksums() -> None:
