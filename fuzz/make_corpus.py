@@ -90,6 +90,11 @@ def _portable_header(data: bytes) -> object:
     return dataclasses.replace(read_header(data), symbol_crc32=0)
 
 
+def differing_payloads(present: dict[str, bytes], wanted: dict[str, bytes]) -> list[str]:
+    """Names of the seeds whose committed bytes differ from the ones written on this CPU."""
+    return sorted(name for name in wanted if present.get(name) != wanted[name])
+
+
 def check_corpus(present: dict[str, bytes], wanted: dict[str, bytes], codec: Codec) -> list[str]:
     """What is stale in ``present`` (committed seeds) against ``wanted`` (written here); [] if none.
 
@@ -104,7 +109,7 @@ def check_corpus(present: dict[str, bytes], wanted: dict[str, bytes], codec: Cod
         for name in sorted(wanted)
         if _portable_header(present[name]) != _portable_header(wanted[name])
     ]
-    differ = sorted(name for name in wanted if present[name] != wanted[name])
+    differ = differing_payloads(present, wanted)
     if 2 * len(differ) > len(wanted):
         problems.append(f"{len(differ)} of {len(wanted)} payloads differ: the coding loop changed")
     for name in differ:
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             print(f"{args.out} is stale; run python fuzz/make_corpus.py")
             return 1
-        differ = sum(present[name] != data for name, data in wanted.items())
+        differ = len(differing_payloads(present, wanted))
         print(f"{args.out}: {len(wanted)} seeds up to date ({differ} payloads differ on this CPU)")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
