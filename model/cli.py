@@ -3,6 +3,7 @@
 Examples::
 
     lalic compress photo.png photo.lalic --quality 3
+    lalic compress photo.png photo.lalic --quality 3 --refine-steps 25
     lalic decompress photo.lalic photo.png
     lalic info photo.lalic
     lalic serve --port 8000
@@ -34,7 +35,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     image = load_image(args.input)
     codec = _codec(args)
     start = time.perf_counter()
-    data = codec.compress(image, args.quality)
+    data = codec.compress(image, args.quality, refine_steps=args.refine_steps)
     elapsed = time.perf_counter() - start
     Path(args.output).write_bytes(data)
     h, w = image.shape[:2]
@@ -82,6 +83,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from model.evaluate import add_eval_arguments, non_negative_int, run_eval
+
     parser = argparse.ArgumentParser(
         prog="lalic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -101,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="quality in [1, 6]; fractional values interpolate (default 3)",
     )
+    p.add_argument(
+        "--refine-steps",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="optimise the latents for N steps before coding: about 2 %% fewer bits at equal "
+        "PSNR for 25 steps, about 1.3 s per step for a 768x512 image on 2 cores; any decoder "
+        "reads the result (default 0: off)",
+    )
     codec_options(p)
     p.set_defaults(func=cmd_compress)
 
@@ -119,8 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a LALIC model (see lalic train --help)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
-
-    from model.evaluate import add_eval_arguments, run_eval
 
     p = sub.add_parser("eval", help="rate-distortion evaluation with baselines, BD-rates and plots")
     add_eval_arguments(p)

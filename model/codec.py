@@ -8,6 +8,10 @@ g_a and h_a, codes z with the factorised prior and y pass by pass with the RWKV-
 against the one the encoder stored (a desynchronised decode is reported, never returned), and
 crops the reconstruction back to the original size.
 
+``compress(..., refine_steps=N)`` optimises the image's y and z for N steps before coding
+(:mod:`model.refine`): a slower encoder that spends fewer bits for the same quality, whose
+streams the ordinary decoder reads (the format does not change).
+
 Determinism: every stage runs one image at a time, so a bitstream, and the image decoded from
 it, do not depend on what else was in the batch (oneDNN and BLAS choose kernels by batch size,
 and a last-bit difference in y flips a rounded symbol). The entropy-parameter path (h_s onwards,
@@ -174,8 +178,8 @@ class Codec:
         return float(np.float32(q))  # the container stores float32: use exactly that value
 
     # Compression ---------------------------------------------------------------------------
-    def compress(self, image: np.ndarray, quality: float) -> bytes:
-        return self.compress_batch([image], quality)[0]
+    def compress(self, image: np.ndarray, quality: float, refine_steps: int = 0) -> bytes:
+        return self.compress_batch([image], quality, refine_steps=refine_steps)[0]
 
     def decompress(self, data: bytes) -> np.ndarray:
         return self.decompress_batch([data])[0]
@@ -188,17 +192,28 @@ class Codec:
 
     @torch.inference_mode()
     def compress_batch(
-        self, images: list[np.ndarray], quality: float, timings: dict[str, float] | None = None
+        self,
+        images: list[np.ndarray],
+        quality: float,
+        timings: dict[str, float] | None = None,
+        refine_steps: int = 0,
     ) -> list[bytes]:
-        """Compress images that share a padded shape; identical output to one-by-one calls."""
+        """Compress images that share a padded shape; identical output to one-by-one calls.
+
+        ``refine_steps > 0`` optimises each image's latents before coding (:mod:`model.refine`):
+        fewer bits for the same quality, at about one training step of compute per iteration.
+        The streams decode with the ordinary decoder.
+        """
         q = self._check_quality(quality)
+        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+            raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
         if not images:
             return []
         for img in images:
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
                 raise ValueError(f"expected a uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
         if any(needs_tiling(*img.shape[:2]) for img in images):  # large images: tile by tile
-            return [self._compress_large(img, q, timings) for img in images]
+            return [self._compress_large(img, q, timings, refine_steps) for img in images]
         shapes = {padded_size(*img.shape[:2]) for img in images}
         if len(shapes) != 1:
             raise ValueError(f"images in one batch must share a padded shape, got {sorted(shapes)}")
@@ -212,6 +227,10 @@ class Codec:
             y = torch.cat([self._stages.analysis(self._to_tensor([img]), qt[:1]) for img in images])
         with timer("hyper"):
             z = torch.cat([self._stages.hyper_analysis(y[i : i + 1]) for i in range(len(images))])
+        if refine_steps:
+            with timer("refinement"):
+                y, z = self._refine(images, q, y, z, refine_steps)
+        with timer("hyper"):
             med = net.entropy_bottleneck.medians().view(1, -1, 1, 1)
             z_sym = torch.round(z - med).to(torch.int32)
             z_hat = z_sym.float() + med
@@ -233,6 +252,22 @@ class Codec:
                 )
                 out.append(pack(header, streams))
         return out
+
+    def _refine(
+        self, images: list[np.ndarray], quality: float, y: torch.Tensor, z: torch.Tensor, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined (y, z) of every image, one image at a time (:func:`model.refine.refine_latents`)."""
+        from model.refine import refine_latents
+
+        ys, zs = [], []
+        for i, img in enumerate(images):
+            x = self._to_tensor([img])
+            y_i, z_i = refine_latents(
+                self.net, x, y[i : i + 1], z[i : i + 1], quality, steps, size=img.shape[:2]
+            )
+            ys.append(y_i)
+            zs.append(z_i)
+        return torch.cat(ys), torch.cat(zs)
 
     def _entropy_parameters(self, z_hat: torch.Tensor, y: torch.Tensor | None = None, decode=None):
         """h_s and the RWKV-SCCTX coding loop for one image, with the pinned thread count."""
@@ -330,11 +365,13 @@ class Codec:
                 images.append(np.ascontiguousarray(pixels[: h.height, : h.width]))
         return images
 
-    def _compress_large(self, image: np.ndarray, quality: float, timings) -> bytes:
+    def _compress_large(self, image: np.ndarray, quality: float, timings, refine_steps: int = 0) -> bytes:
+        def code(tile: np.ndarray, q: float) -> bytes:
+            return self.compress_batch([tile], q, timings, refine_steps=refine_steps)[0]
+
         if needs_tiling(*image.shape[:2]):
-            code = lambda tile, q: self.compress_batch([tile], q, timings)[0]  # noqa: E731
             return compress_tiled(image, quality, code, self.read_header)
-        return self.compress_batch([image], quality, timings)[0]
+        return code(image, quality)
 
     def _decompress_large(self, header: Header, parts: list[bytes], timings, max_pixels: int) -> np.ndarray:
         if header.tiling == (0, 0, 0):

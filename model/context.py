@@ -174,11 +174,25 @@ class ContextModel(nn.Module):
         return torch.cat([self.channel[k - 1](torch.cat(decoded, dim=1)), hyper], dim=1)
 
     def forward(self, y: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor]:
-        """Training/likelihood pass. Returns (y_hat with straight-through rounding, likelihoods)."""
+        """Training/likelihood pass. Returns (y_hat with straight-through rounding, likelihoods).
+
+        Likelihoods are of ``y`` plus uniform noise in training mode, of ``y_hat`` in eval mode.
+        """
+        y_hat, scales, means = self.distributions(y, hyper)
+        if not self.training:
+            return y_hat, gaussian_likelihood(y_hat, scales, means)
+        # noise drawn slice by slice, in coding order (the random stream of earlier versions)
+        slices = y.split(self.slices, dim=1)
+        noisy = torch.cat([ys + torch.empty_like(ys).uniform_(-0.5, 0.5) for ys in slices], dim=1)
+        return y_hat, gaussian_likelihood(noisy, scales, means)
+
+    def distributions(self, y: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """y_hat (straight-through rounding) and the scales and means of every element's Gaussian."""
         _, _, h, w = y.shape
         anchors = anchor_mask(h, w, y.device)
         y_hats: list[Tensor] = []
-        likelihoods: list[Tensor] = []
+        all_scales: list[Tensor] = []
+        all_means: list[Tensor] = []
         for k, ys in enumerate(y.split(self.slices, dim=1)):
             ctx = self._context(k, hyper, y_hats)
             zeros = ys.new_zeros(ys.shape[0], 2 * self.slices[k], h, w)
@@ -188,9 +202,9 @@ class ContextModel(nn.Module):
             scales = torch.where(anchors, s_a, s_n)
             means = torch.where(anchors, m_a, m_n)
             y_hats.append(round_ste(ys - means) + means)
-            noisy = ys + torch.empty_like(ys).uniform_(-0.5, 0.5) if self.training else y_hats[-1]
-            likelihoods.append(gaussian_likelihood(noisy, scales, means))
-        return torch.cat(y_hats, dim=1), torch.cat(likelihoods, dim=1)
+            all_scales.append(scales)
+            all_means.append(means)
+        return torch.cat(y_hats, dim=1), torch.cat(all_scales, dim=1), torch.cat(all_means, dim=1)
 
     def _params_map(self, k: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
         b, _, h, w = inputs.shape

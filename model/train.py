@@ -39,33 +39,73 @@ def find_images(folders: list[Path]) -> list[Path]:
     return paths
 
 
-class CropSampler:
-    """Random crops with random flips from images held in memory (uint8 HWC)."""
+Crop = int | tuple[int, int]
+"""A crop size: ``n`` (n x n) or (height, width)."""
 
-    def __init__(self, paths: list[Path], crop: int, seed: int) -> None:
+
+def crop_shape(crop: Crop) -> tuple[int, int]:
+    """(height, width) of a crop size."""
+    return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+
+
+def parse_crop(text: str) -> tuple[int, int]:
+    """argparse type of ``--crop``: ``N`` (square) or ``WxH`` (e.g. ``768x512``, Kodak's shape)."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 16 or any(v % 16 for v in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected N or WxH, multiples of 16 (e.g. 256, 768x512), got {text!r}"
+        )
+    width, height = parts
+    return height, width
+
+
+def _fit_scale(h: int, w: int, ch: int, cw: int) -> float:
+    """Smallest upscale after which an h x w image holds a ch x cw crop upright or turned 90 degrees."""
+    return max(1.0, min(max(ch / h, cw / w), max(cw / h, ch / w)))
+
+
+class CropSampler:
+    """Random crops with random flips from images held in memory (uint8 HWC).
+
+    A crop is ``crop`` (square) or (height, width). An image too small for a crop either way up is
+    upscaled (bicubic) just enough at load time; a portrait image that only holds a landscape crop
+    turned 90 degrees gives that crop rotated back, so every crop of a batch has one shape.
+    """
+
+    def __init__(self, paths: list[Path], crop: Crop, seed: int) -> None:
+        ch, cw = crop_shape(crop)
         self.images = []
         for p in tqdm(paths, desc="loading images", leave=False):
             with Image.open(p) as im:
                 arr = np.asarray(im.convert("RGB"))
-            if min(arr.shape[:2]) < crop:
-                s = crop / min(arr.shape[:2])
+            s = _fit_scale(*arr.shape[:2], ch, cw)
+            if s > 1:
                 size = (math.ceil(arr.shape[1] * s), math.ceil(arr.shape[0] * s))
                 arr = np.asarray(Image.fromarray(arr).resize(size, Image.BICUBIC))
             self.images.append(arr)
         self.crop = crop
         self.rng = np.random.default_rng(seed)
 
-    def batch(self, size: int, crop: int | None = None) -> torch.Tensor:
-        crop = crop or self.crop
-        out = np.empty((size, crop, crop, 3), dtype=np.uint8)
+    def batch(self, size: int, crop: Crop | None = None) -> torch.Tensor:
+        ch, cw = crop_shape(crop or self.crop)
+        out = np.empty((size, ch, cw, 3), dtype=np.uint8)
         for i in range(size):
             img = self.images[self.rng.integers(len(self.images))]
             h, w = img.shape[:2]
-            if min(h, w) < crop:
-                img = np.asarray(Image.fromarray(img).resize((max(w, crop), max(h, crop)), Image.BICUBIC))
+            turned = (h < ch or w < cw) and h >= cw and w >= ch
+            ph, pw = (cw, ch) if turned else (ch, cw)
+            if h < ph or w < pw:
+                img = np.asarray(Image.fromarray(img).resize((max(w, pw), max(h, ph)), Image.BICUBIC))
                 h, w = img.shape[:2]
-            y, x = self.rng.integers(h - crop + 1), self.rng.integers(w - crop + 1)
-            patch = img[y : y + crop, x : x + crop]
+            y, x = self.rng.integers(h - ph + 1), self.rng.integers(w - pw + 1)
+            patch = img[y : y + ph, x : x + pw]
+            if turned:
+                patch = np.rot90(patch)
             if self.rng.random() < 0.5:
                 patch = patch[:, ::-1]
             if self.rng.random() < 0.5:
@@ -190,7 +230,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", type=Path, help="start from these weights (checkpoint or weight file)")
     p.add_argument("--steps", type=int, default=100_000, help="total optimiser steps")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=128, help="random crop size (128 or 256)")
+    p.add_argument(
+        "--crop",
+        type=parse_crop,
+        default=(128, 128),
+        metavar="N|WxH",
+        help="random crop: N (square, e.g. 128, 256, 512) or WxH (e.g. 768x512; portrait photos "
+        "give it turned) (default 128)",
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--aux-lr", type=float, default=AUX_LR)
     p.add_argument("--warmup", type=int, default=200)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model.train import CropSampler, parse_crop
 from model.train import main as train_main
 
 
@@ -106,3 +108,38 @@ def test_train_step_benchmark_times_each_variant(tmp_path: Path) -> None:
         assert len(r["times"]) == 2 and r["median_s"] > 0 and len(r["warmup_s"]) == 1
     table = (out / "train-step.md").read_text()
     assert "| 64² | fp32 |" in table and "| 1.00 |" in table and "| 64² | bf16 |" in table
+
+
+def test_parse_crop() -> None:
+    assert parse_crop("256") == (256, 256)
+    assert parse_crop("768x512") == (512, 768)  # WxH, as image sizes are written
+    for bad in ("0", "100", "768x", "axb", "768x512x3", "8x8"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_crop(bad)
+
+
+def test_rectangular_crops_turn_portrait_photos_and_upscale_only_when_needed(tmp_path: Path) -> None:
+    def coordinates(h: int, w: int, tag: int) -> np.ndarray:
+        """Red = row, green = column, blue = a tag naming the photo."""
+        yy, xx = np.mgrid[0:h, 0:w]
+        return np.stack([yy, xx, np.full_like(yy, tag)], -1).astype(np.uint8)
+
+    Image.fromarray(coordinates(96, 160, 10)).save(tmp_path / "a_landscape.png")
+    Image.fromarray(coordinates(160, 96, 20)).save(tmp_path / "b_portrait.png")
+    Image.fromarray(coordinates(40, 50, 30)).save(tmp_path / "c_small.png")
+    sampler = CropSampler(sorted(tmp_path.glob("*.png")), (64, 128), seed=0)  # 128 wide, 64 tall
+    # the large photos are kept as they are; the small one is upscaled just enough to hold the crop
+    # upright (x2.56 -> 103 x 128; turned it would need x3.2)
+    assert [im.shape[:2] for im in sampler.images] == [(96, 160), (160, 96), (103, 128)]
+    batch = (sampler.batch(32) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert batch.shape == (32, 64, 128, 3)
+    tags = [int(crop[0, 0, 2]) for crop in batch]
+    assert {10, 20} <= set(tags) <= {10, 20, 30}
+    for crop, tag in zip(batch, tags, strict=True):
+        rows, cols = crop[..., 0].astype(int), crop[..., 1].astype(int)
+        if tag == 30:
+            continue  # upscaled: interpolated coordinates
+        # source rows run down the crop for a landscape photo, across it for a turned portrait one
+        along, across = (rows, cols) if tag == 10 else (cols, rows)
+        assert (np.abs(np.diff(along, axis=0)) == 1).all() and (np.diff(along, axis=1) == 0).all()
+        assert (np.abs(np.diff(across, axis=1)) == 1).all() and (np.diff(across, axis=0) == 0).all()
