@@ -26,18 +26,16 @@ import torch
 from torch import Tensor
 
 from model.entropy import gaussian_likelihood, round_ste
-from model.lalic import LALIC
+from model.lalic import LALIC, interpolated_gain
 
 DEFAULT_LR = 0.003
 """Adam step size on the latents (probe on kodim23, q3: best loss at 0.003 over 30 steps)."""
 
 
 def lambda_for_quality(lambdas: tuple[float, ...], quality: float) -> float:
-    """lambda of a (fractional) quality: geometric interpolation like the gains (Cui et al., Eq. 7)."""
-    q = min(max(float(quality), 1.0), float(len(lambdas))) - 1
-    low = min(int(math.floor(q)), len(lambdas) - 2)
-    frac = q - low
-    return math.exp((1 - frac) * math.log(lambdas[low]) + frac * math.log(lambdas[low + 1]))
+    """lambda of a (fractional) quality: geometric interpolation, as for the gains (Cui et al., Eq. 7)."""
+    log_table = torch.tensor(lambdas, dtype=torch.float64).log()[:, None]
+    return float(interpolated_gain(log_table, torch.tensor([float(quality)], dtype=torch.float64)))
 
 
 @dataclass(frozen=True)
