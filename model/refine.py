@@ -107,7 +107,7 @@ def refine_latents(
         y_var = y.detach().clone().requires_grad_(True)
         z_var = z.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([y_var, z_var], lr=lr)
-        best = (math.inf, y_var, z_var)
+        best = (math.inf, y.detach(), z.detach())  # g_a's own latents unless a finite loss beats them
         for step in range(steps + 1):
             with torch.no_grad() if step == steps else contextlib.nullcontext():
                 terms = rate_distortion(net, x, y_var, z_var, qt, lmbda, size)
