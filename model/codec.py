@@ -124,8 +124,9 @@ class Codec:
         self.device = str(device)
         self.backend = backend
         self.net = net.to(device).prepare_for_inference()
-        if self.net.gaussian.y_cdfs.numel() == 0 or self.net.entropy_bottleneck.z_cdfs.numel() == 0:
-            self.net.update()
+        for model, cdfs in ((self.net.gaussian, "y_cdfs"), (self.net.entropy_bottleneck, "z_cdfs")):
+            if getattr(model, cdfs).numel() == 0:  # build missing tables only: stored ones are kept
+                model.update()
         self.model_id = net.config.name
         self.digest = state_digest(self.net)
         self.entropy_threads = entropy_threads

@@ -77,6 +77,16 @@ def test_weights_with_another_scale_table_load_and_rebuild_their_tables() -> Non
     reloaded.load_state_dict(old)
     assert torch.equal(reloaded.gaussian.scale_table, scale_table())
     assert reloaded.gaussian.y_cdfs.numel() == 0  # the stale tables are not used
+    swapped = dict(old)  # valid z tables that update() would not build: channels 0 and 1 swapped
+    for name in ("z_cdfs", "z_cdf_lengths", "z_offsets"):
+        swapped[f"entropy_bottleneck.{name}"] = old[f"entropy_bottleneck.{name}"][
+            [1, 0, *range(2, net.config.hyper_latent)]
+        ]
+    reloaded_z = LALIC(net.config)
+    reloaded_z.load_state_dict(swapped)
+    kept = Codec(reloaded_z).net.entropy_bottleneck.z_cdfs  # only the missing y tables are built
+    assert torch.equal(kept, swapped["entropy_bottleneck.z_cdfs"])
+    assert not torch.equal(kept, net.entropy_bottleneck.z_cdfs)
     codec, reference = Codec(reloaded), Codec(net)
     assert codec.net.gaussian.y_cdfs.shape[0] == SCALE_LEVELS
     assert codec.digest == reference.digest  # the same weights, tables rebuilt as update() builds them
