@@ -93,12 +93,7 @@ def build_case(dist: str, n: int, n_tables: int, lo: float, hi: float, seed: int
 
 def ideal_bytes(case: Case) -> float:
     """Information content of the symbols under the quantised pmfs, in bytes."""
-    t = case.tables
-    lengths = t.cdf_lengths.astype(np.int64)[case.indexes]
-    coded = case.symbols.astype(np.int64) - t.offsets[case.indexes]
-    coded = np.where((coded < 0) | (coded > lengths - 3), lengths - 2, coded)
-    freq = t.cdfs[case.indexes, coded + 1].astype(np.int64) - t.cdfs[case.indexes, coded]
-    return float(np.sum(16 - np.log2(freq))) / 8
+    return case.tables.information_bits(case.symbols, case.indexes) / 8
 
 
 def grouped_indices(case: Case) -> tuple[list[int], list[list[int]], bytes]:

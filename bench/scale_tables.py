@@ -49,12 +49,9 @@ class Layout:
 
     def __init__(self, levels: int, rule: str) -> None:
         self.name = f"{levels} tables, {rule}"
-        self.levels, self.rule = levels, rule
+        self.rule = rule
         self.gaussian = GaussianConditional(levels)
-        arrays = self.gaussian.tables().to_arrays()
-        self.cdfs = arrays["cdfs"].astype(np.int64)
-        self.offsets = arrays["offsets"].astype(np.int64)
-        self.pmf_lengths = arrays["cdf_lengths"].astype(np.int64) - 2
+        self.tables = self.gaussian.tables()
 
     def indexes(self, scales: torch.Tensor) -> np.ndarray:
         if self.rule == "nearest":
@@ -64,12 +61,7 @@ class Layout:
 
     def bits(self, symbols: np.ndarray, scales: torch.Tensor) -> float:
         """Bits of ``symbols`` coded with the tables this layout picks for ``scales``."""
-        idx = self.indexes(scales).ravel()
-        pos = symbols.ravel().astype(np.int64) - self.offsets[idx]
-        inside = (pos >= 0) & (pos < self.pmf_lengths[idx])
-        pos = np.where(inside, pos, self.pmf_lengths[idx])  # the overflow symbol
-        freq = self.cdfs[idx, pos + 1] - self.cdfs[idx, pos]
-        return float(-np.log2(freq / 2.0**16).sum() + 16 * np.count_nonzero(~inside))
+        return self.tables.information_bits(symbols, self.indexes(scales), escape_bits=16)
 
 
 def coding_loop_scales(

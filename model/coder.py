@@ -166,6 +166,19 @@ class CdfTables:
         row = self.cdfs[i, : self.cdf_lengths[i]].astype(np.int64)
         return np.diff(row).astype(np.float64) / float(1 << PRECISION)
 
+    def information_bits(self, symbols: np.ndarray, indexes: np.ndarray, escape_bits: float = 0.0) -> float:
+        """``-sum log2 p`` of ``symbols`` under the tables ``indexes`` pick (what the range coder spends).
+
+        A value outside its table costs the overflow symbol plus ``escape_bits`` (its escape varint,
+        which the range coder does not code; 0 by default).
+        """
+        idx = _flat_indexes(np.asarray(indexes), self)
+        coded = np.asarray(symbols).reshape(-1).astype(np.int64) - self.offsets[idx]
+        outside = (coded < 0) | (coded >= self._pmf_lengths[idx])
+        coded = np.where(outside, self._pmf_lengths[idx], coded)  # the overflow symbol
+        freq = self.cdfs[idx, coded + 1].astype(np.int64) - self.cdfs[idx, coded]
+        return float(np.sum(PRECISION - np.log2(freq)) + escape_bits * np.count_nonzero(outside))
+
     def models(self) -> list[Any]:
         """Constriction categorical models, one per table, built on first use and cached."""
         if self._models is None:

@@ -214,6 +214,21 @@ def test_round_trip_property(n_tables: int, seed: int, n: int, spread: float) ->
     round_trip(sym, idx, tables)
 
 
+def test_information_bits_match_the_pmfs() -> None:
+    """CdfTables.information_bits against the per-table sum above, escapes included."""
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, TABLES.n_tables, (3, 40, 50))
+    scales = np.exp(np.linspace(math.log(0.11), math.log(20.0), TABLES.n_tables))[idx]
+    sym = np.rint(rng.normal(0.0, scales * 1.5)).astype(np.int32)
+    sym.reshape(-1)[rng.integers(0, sym.size, 50)] = rng.integers(-(10**6), 10**6, 50)  # escapes
+    low = TABLES.offsets[idx].astype(np.int64)
+    escaped = np.count_nonzero((sym < low) | (sym >= low + TABLES.cdf_lengths[idx] - 2))
+    assert escaped > 40
+    assert TABLES.information_bits(sym, idx) == pytest.approx(ideal_bits(sym, idx, TABLES), rel=1e-12)
+    with_escapes = TABLES.information_bits(sym, idx, escape_bits=16)
+    assert with_escapes == pytest.approx(ideal_bits(sym, idx, TABLES) + 16 * escaped, rel=1e-12)
+
+
 def test_size_close_to_ideal() -> None:
     rng = np.random.default_rng(2)
     sym, idx = sample_from_tables(TABLES, 120_000, rng)

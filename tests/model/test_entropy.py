@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from model.configs import get_config
 from model.entropy import SCALE_LEVELS, GaussianConditional, gaussian_likelihood, scale_table
 from model.image import load_image
 from model.lalic import LALIC
+from tests.model.bench_scripts import load_bench_script
 
 
 def test_indexes_pick_the_nearest_table_scale_in_log_scale() -> None:
@@ -48,13 +47,9 @@ def test_table_cost_is_within_0_05_percent_of_the_exact_gaussian() -> None:
     s = torch.from_numpy(scales)
     exact = -torch.log2(gaussian_likelihood(torch.from_numpy(symbols).double(), s, torch.zeros_like(s)))
     idx = g.indexes(s.float()).numpy()
-    offsets, lengths = tables.to_arrays()["offsets"], tables._pmf_lengths
-    pos = symbols - offsets[idx]
-    assert np.all((pos >= 0) & (pos < lengths[idx]))  # no escapes at these scales
-    cdfs = tables.to_arrays()["cdfs"]
-    freq = cdfs[idx, pos + 1].astype(np.int64) - cdfs[idx, pos]
-    coded = -np.log2(freq / 2.0**16)
-    overhead = coded.sum() / float(exact.sum()) - 1
+    coded = tables.information_bits(symbols, idx)
+    assert tables.information_bits(symbols, idx, escape_bits=1e9) == coded  # no escapes at these scales
+    overhead = coded / float(exact.sum()) - 1
     assert 0 <= overhead < 5e-4, overhead
 
 
@@ -108,14 +103,7 @@ def test_a_matching_scale_table_is_loaded_as_stored() -> None:
 
 def test_scale_table_benchmark_matches_the_real_stream(tmp_path: Path) -> None:
     """bench/scale_tables.py: its table bits for our layout are the real stream's y bits."""
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("scale_tables_bench", bench / "scale_tables.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(bench))
+    module = load_bench_script("scale_tables")
     images = tmp_path / "images"
     images.mkdir()
     kodak = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "kodak" / "kodim23.png"
@@ -134,11 +122,8 @@ def test_scale_table_benchmark_matches_the_real_stream(tmp_path: Path) -> None:
     y_bits = sum(layout.bits(s, sc) for s, sc in module.coding_loop_scales(codec, image, 3.0))
     assert y_bits == pytest.approx(128 * 192 * row["exact_bpp"] * (1 + overhead["128 tables, nearest"] / 100))
     z = codec.encoder_latents(image, 3.0)["z_symbols"].numpy()
-    z_tables = codec.net.entropy_bottleneck.tables().to_arrays()
-    pos = z - z_tables["offsets"][:, None, None]
     channel = np.broadcast_to(np.arange(z.shape[0])[:, None, None], z.shape)
-    freq = z_tables["cdfs"][channel, pos + 1].astype(np.int64) - z_tables["cdfs"][channel, pos]
-    z_bits = float(-np.log2(freq / 2.0**16).sum())
+    z_bits = codec.net.entropy_bottleneck.tables().information_bits(z, channel)
     header = len(data) - len(unpack(data)[1][0])
     coded = 8 * (len(data) - header)
     assert 0 <= coded - (y_bits + z_bits) < 8 * 16, (coded, y_bits, z_bits)

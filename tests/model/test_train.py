@@ -80,17 +80,9 @@ def test_training_reduces_loss_and_resumes(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("keep_torch_threads")
 def test_train_step_benchmark_times_each_variant(tmp_path: Path) -> None:
     """bench/train_step.py runs the real optimisation step per variant and reports medians."""
-    import importlib.util
-    import sys
+    from tests.model.bench_scripts import load_bench_script
 
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("train_step_bench", bench / "train_step.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(bench))
+    module = load_bench_script("train_step")
     data = tmp_path / "data"
     data.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (72, 72, 3), dtype=np.uint8)).save(
