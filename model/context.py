@@ -173,13 +173,14 @@ class ContextModel(nn.Module):
             return hyper
         return torch.cat([self.channel[k - 1](torch.cat(decoded, dim=1)), hyper], dim=1)
 
-    def forward(self, y: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, y: Tensor, hyper: Tensor, noise: bool = True) -> tuple[Tensor, Tensor]:
         """Training/likelihood pass. Returns (y_hat with straight-through rounding, likelihoods).
 
-        Likelihoods are of ``y`` plus uniform noise in training mode, of ``y_hat`` in eval mode.
+        Likelihoods are of ``y`` plus uniform noise in training mode with ``noise``; of ``y_hat``
+        (the rounded residuals the range coder pays for) in eval mode or without ``noise``.
         """
         y_hat, scales, means = self.distributions(y, hyper)
-        if not self.training:
+        if not (self.training and noise):
             return y_hat, gaussian_likelihood(y_hat, scales, means)
         # noise drawn slice by slice, in coding order (the random stream of earlier versions)
         slices = y.split(self.slices, dim=1)

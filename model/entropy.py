@@ -124,11 +124,15 @@ class FactorizedPrior(nn.Module):
         lik = lik.reshape(c, z.shape[0], *z.shape[2:]).transpose(0, 1)
         return lower_bound(lik, LIKELIHOOD_BOUND)
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (z_hat for the decoder path, likelihoods of the noisy z for the rate)."""
+    def forward(self, z: Tensor, noise: bool = True) -> tuple[Tensor, Tensor]:
+        """Returns (z_hat for the decoder path, likelihoods for the rate).
+
+        The likelihoods are of z plus uniform noise in training mode with ``noise``, else of z_hat
+        (what the range coder pays; straight-through gradient).
+        """
         med = self.medians().view(1, -1, 1, 1)
         z_hat = round_ste(z - med) + med
-        noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5) if self.training else z_hat
+        noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5) if self.training and noise else z_hat
         return z_hat, self.likelihood(noisy)
 
     def aux_loss(self) -> Tensor:

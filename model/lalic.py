@@ -89,15 +89,21 @@ class LALIC(nn.Module):
         inv = self.inverse_gain(quality)
         return self.g_s(y_hat * inv if inv is not None else y_hat)
 
-    def forward(self, x: Tensor, quality: Tensor | None = None) -> dict:
-        """Training forward: reconstruction and likelihoods of y and z (x in [0, 1], padded)."""
+    def forward(self, x: Tensor, quality: Tensor | None = None, noise: bool = True) -> dict:
+        """Training forward: reconstruction and likelihoods of y and z (x in [0, 1], padded).
+
+        The decoder always sees rounded latents (straight-through). The rate is of the latents
+        plus uniform noise in training mode (Ballé et al.'s proxy), or, with ``noise=False``, of the
+        rounded latents, the bits the range coder spends (the "hard" fine-tuning of Guo et al.,
+        "Soft then Hard", ICCV 2021).
+        """
         if quality is None:
             quality = torch.full((x.shape[0],), float(len(self.config.lambdas)), device=x.device)
         y = self.analysis(x, quality)
         z = self.h_a(y)
-        z_hat, z_likelihoods = self.entropy_bottleneck(z)
+        z_hat, z_likelihoods = self.entropy_bottleneck(z, noise=noise)
         hyper = self.h_s(z_hat)
-        y_hat, y_likelihoods = self.context(y, hyper)
+        y_hat, y_likelihoods = self.context(y, hyper, noise=noise)
         x_hat = self.synthesis(y_hat, quality)
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 

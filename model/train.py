@@ -129,10 +129,30 @@ def rate_distortion(out: dict, x: torch.Tensor, lambdas: torch.Tensor) -> dict[s
 def make_optimisers(
     model: LALIC, lr: float, aux_lr: float = AUX_LR
 ) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """Adam for the network and a separate Adam for the factorised prior's ``quantiles`` (aux loss)."""
-    main = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    """Adam for the network and a separate Adam for the factorised prior's ``quantiles`` (aux loss).
+
+    Frozen parameters (``requires_grad`` off, see :func:`freeze`) are left out."""
+    main = [p for n, p in model.named_parameters() if not n.endswith("quantiles") and p.requires_grad]
     aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     return torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=aux_lr)
+
+
+def freeze(model: LALIC, prefixes: list[str]) -> list[str]:
+    """Turn off the gradients of every parameter whose name starts with one of ``prefixes``
+    (e.g. ``g_a log_gain``: the encoder side, as in the hard phase of "Soft then Hard").
+
+    Returns the names frozen; a prefix that matches nothing is an error.
+    """
+    names = []
+    for prefix in prefixes:
+        matched = [n for n, _ in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
+        if not matched:
+            raise SystemExit(f"--freeze {prefix}: no parameter of the model is named so")
+        names += matched
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].requires_grad_(False)
+    return names
 
 
 def optimisation_step(
@@ -146,14 +166,16 @@ def optimisation_step(
     clip: float = 1.0,
     bf16: bool = False,
     metric: str = "mse",
+    noise: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One Adam step on the rate-distortion loss and one on the prior's auxiliary loss.
 
-    ``net`` is ``model`` or its ``torch.compile`` wrapper. Returns the detached loss terms plus
-    ``aux`` (auxiliary loss) and ``grad`` (gradient norm before clipping).
+    ``net`` is ``model`` or its ``torch.compile`` wrapper; ``noise=False`` takes the rate of the
+    rounded latents (:meth:`LALIC.forward`). Returns the detached loss terms plus ``aux``
+    (auxiliary loss) and ``grad`` (gradient norm before clipping).
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = net(x, quality)
+        out = net(x, quality, noise=noise)
     terms = rate_distortion(out, x, lam)
     if metric == "ms-ssim":
         from model.metrics import ms_ssim_torch
@@ -246,6 +268,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", type=float, help="train one quality only (fixed-rate models)")
     p.add_argument("--lmbda", type=float, help="lambda for a fixed-rate model")
     p.add_argument("--metric", choices=["mse", "ms-ssim"], default="mse")
+    p.add_argument(
+        "--rate",
+        choices=["noise", "rounded"],
+        default="noise",
+        help="rate term: likelihoods of the latents plus uniform noise (default), or of the rounded "
+        "latents the range coder codes, with straight-through gradients (for fine-tuning)",
+    )
+    p.add_argument(
+        "--freeze",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="keep these parameters (names or module prefixes, e.g. g_a log_gain) fixed",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (BiWKV stays float32)")
@@ -278,6 +314,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.init is not None and state is None:
         _, init_state = read_weights(args.init)  # a training checkpoint or a (float16) weight file
         model.load_state_dict(init_state)
+    if args.freeze:
+        frozen = freeze(model, args.freeze)
+        tqdm.write(f"frozen: {len(frozen)} parameter tensors ({', '.join(args.freeze)})")
     opt, aux_opt = make_optimisers(model, args.lr, args.aux_lr)
     sampler = CropSampler(find_images(args.data), args.crop, args.seed)
     step = 0
@@ -316,7 +355,7 @@ def run_train(args: argparse.Namespace) -> int:
                 lam = torch.full((x.shape[0],), args.lmbda or lambdas[int(q) - 1].item())
             terms = optimisation_step(
                 net, model, opt, aux_opt, x, quality.to(device), lam.to(device),
-                clip=args.clip, bf16=args.bf16, metric=args.metric,
+                clip=args.clip, bf16=args.bf16, metric=args.metric, noise=args.rate == "noise",
             )  # fmt: skip
             step += 1
             record = {k: round(float(v), 5) for k, v in terms.items() if k not in ("aux", "grad")}

@@ -49,6 +49,30 @@ def test_training_forward_gives_gradients_everywhere() -> None:
     assert net.aux_loss().item() > 0
 
 
+def test_rounded_rate_in_training_is_the_coded_rate_and_keeps_gradients() -> None:
+    """``noise=False``: in training mode the likelihoods are those of the rounded latents, the
+    same as in eval mode (what the coder pays), and the entropy model still gets gradients."""
+    torch.manual_seed(0)
+    net = LALIC(get_config("lalic-s"))
+    x = torch.rand(1, 3, 64, 64)
+    q = torch.tensor([2.0])
+    with torch.no_grad():
+        coded = net.eval()(x, q)["likelihoods"]
+    net.train()
+    rounded = net(x, q, noise=False)
+    for name in ("y", "z"):
+        assert torch.equal(rounded["likelihoods"][name], coded[name])
+    torch.manual_seed(1)
+    noisy = net(x, q)["likelihoods"]
+    assert not torch.equal(noisy["y"], coded["y"])
+    bits = sum(-torch.log2(v).sum() for v in rounded["likelihoods"].values())
+    bits.backward()
+    for prefix in ("context.", "h_s.", "h_a.", "entropy_bottleneck.matrices"):
+        grads = [p.grad for n, p in net.named_parameters() if n.startswith(prefix)]
+        assert grads and all(g is not None for g in grads), prefix
+        assert sum(float(g.abs().sum()) for g in grads) > 0, prefix
+
+
 def test_gains_interpolate_geometrically() -> None:
     net = LALIC(get_config("lalic-s"))
     g2, g25, g3 = (net.gain(torch.tensor([q])) for q in (2.0, 2.5, 3.0))

@@ -102,6 +102,40 @@ def test_train_step_benchmark_times_each_variant(tmp_path: Path) -> None:
     assert "| 64² | fp32 |" in table and "| 1.00 |" in table and "| 64² | bf16 |" in table
 
 
+@pytest.mark.usefixtures("keep_torch_threads")
+def test_fine_tuning_on_the_rounded_rate_keeps_frozen_parameters(tmp_path: Path) -> None:
+    """``--rate rounded --freeze g_a log_gain``: the encoder side stays bit-identical, the rest
+    moves, the logged bpp is the rate of the rounded latents, and a resume keeps the freeze."""
+    from model.configs import get_config
+    from model.lalic import LALIC
+    from model.zoo import read_weights
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / "a.png")
+    torch.manual_seed(0)
+    init = LALIC(get_config("lalic-s"))
+    torch.save({"config": init.config.to_dict(), "model": init.state_dict()}, tmp_path / "init.pt")
+    runs = tmp_path / "runs"
+    common = ["--data", str(data), "--runs-dir", str(runs), "--run", "hard", "--crop", "64"]
+    common += ["--batch-size", "1", "--lr", "1e-3", "--warmup", "1", "--eval-images", "0", "--threads", "1"]
+    common += ["--log-every", "1", "--rate", "rounded", "--freeze", "g_a", "log_gain"]
+    assert train_main([*common, "--steps", "2", "--init", str(tmp_path / "init.pt")]) == 0
+    assert train_main([*common, "--steps", "3", "--resume"]) == 0
+    _, after = read_weights(runs / "hard" / "checkpoint.pt")
+    before = init.state_dict()
+    frozen = [n for n in before if n.startswith(("g_a.", "log_gain"))]
+    assert frozen and all(torch.equal(after[n], before[n]) for n in frozen)
+    for name in ("g_s.", "context.", "h_s.", "log_inverse_gain"):
+        moved = [n for n in before if n.startswith(name) and not torch.equal(after[n], before[n])]
+        assert moved, name
+    assert [r["step"] for r in _log(runs / "hard")] == [1, 2, 3]
+
+    with pytest.raises(SystemExit, match="--freeze g_b"):
+        train_main([*common[:-3], "--freeze", "g_b", "--steps", "1", "--run", "bad"])
+
+
 def test_parse_crop() -> None:
     assert parse_crop("256") == (256, 256)
     assert parse_crop("768x512") == (512, 768)  # WxH, as image sizes are written
