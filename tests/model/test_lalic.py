@@ -56,8 +56,7 @@ def test_rounded_rate_in_training_is_the_coded_rate_and_keeps_gradients() -> Non
     net = LALIC(get_config("lalic-s"))
     x = torch.rand(1, 3, 64, 64)
     q = torch.tensor([2.0])
-    with torch.no_grad():
-        coded = net.eval()(x, q)["likelihoods"]
+    coded = net.eval()(x, q)["likelihoods"]  # grad on in both: the same (float64-decay) BiWKV path
     net.train()
     rounded = net(x, q, noise=False)
     for name in ("y", "z"):
