@@ -143,13 +143,13 @@ def freeze(model: LALIC, prefixes: list[str]) -> list[str]:
 
     Returns the names frozen; a prefix that matches nothing is an error.
     """
+    params = dict(model.named_parameters())
     names = []
     for prefix in prefixes:
-        matched = [n for n, _ in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
+        matched = [n for n in params if n == prefix or n.startswith(prefix + ".")]
         if not matched:
             raise SystemExit(f"--freeze {prefix}: no parameter of the model is named so")
         names += matched
-    params = dict(model.named_parameters())
     for n in names:
         params[n].requires_grad_(False)
     return names

@@ -105,7 +105,7 @@ def test_train_step_benchmark_times_each_variant(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("keep_torch_threads")
 def test_fine_tuning_on_the_rounded_rate_keeps_frozen_parameters(tmp_path: Path) -> None:
     """``--rate rounded --freeze g_a log_gain``: the encoder side stays bit-identical, the rest
-    moves, the logged bpp is the rate of the rounded latents, and a resume keeps the freeze."""
+    moves, and a resume keeps the freeze."""
     from model.configs import get_config
     from model.lalic import LALIC
     from model.zoo import read_weights
