@@ -68,19 +68,8 @@ def coding_loop_scales(
     codec: Codec, image: np.ndarray, quality: float
 ) -> list[tuple[np.ndarray, torch.Tensor]]:
     """(symbols, continuous scales) of every pass of y, from the codec's own coding loop."""
-    net, stages = codec.net, codec._stages
-    recorded: list[torch.Tensor] = []
-
-    def record(scales: torch.Tensor) -> torch.Tensor:
-        recorded.append(scales.clone())
-        return net.gaussian.indexes(scales)
-
-    with torch.inference_mode():
-        y = stages.analysis(codec._to_tensor([image]), torch.tensor([quality]))
-        med = net.entropy_bottleneck.medians().view(1, -1, 1, 1)
-        z_hat = torch.round(stages.hyper_analysis(y) - med) + med
-        _, passes = net.context.code(stages.hyper_synthesis(z_hat), record, y=y, nets=stages)
-    return [(sym[0].numpy(), s[0]) for (sym, _), s in zip(passes, recorded, strict=True)]
+    latents = codec.encoder_latents(image, quality)
+    return [(sym[0].numpy(), s[0]) for (sym, _), s in zip(latents["passes"], latents["scales"], strict=True)]
 
 
 def measure(

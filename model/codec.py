@@ -225,12 +225,14 @@ class Codec:
         # last-bit difference in y would flip a rounded symbol. A batch's streams are therefore
         # exactly the streams of its images coded alone.
         with timer("analysis"):
-            y = torch.cat([self._stages.analysis(self._to_tensor([img]), qt[:1]) for img in images])
+            xs = [self._to_tensor([img]) for img in images]
+            y = torch.cat([self._stages.analysis(x, qt[:1]) for x in xs])
         with timer("hyper"):
             z = torch.cat([self._stages.hyper_analysis(y[i : i + 1]) for i in range(len(images))])
         if refine_steps:
             with timer("refinement"):
-                y, z = self._refine(images, q, y, z, refine_steps)
+                y, z = self._refine(xs, [img.shape[:2] for img in images], q, y, z, refine_steps)
+        del xs
         with timer("hyper"):
             med = net.entropy_bottleneck.medians().view(1, -1, 1, 1)
             z_sym = torch.round(z - med).to(torch.int32)
@@ -255,17 +257,21 @@ class Codec:
         return out
 
     def _refine(
-        self, images: list[np.ndarray], quality: float, y: torch.Tensor, z: torch.Tensor, steps: int
+        self,
+        xs: list[torch.Tensor],
+        sizes: list[tuple[int, int]],
+        quality: float,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        steps: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Refined (y, z) of every image, one image at a time (:func:`model.refine.refine_latents`)."""
+        """Refined (y, z) of every image, one image at a time (:func:`model.refine.refine_latents`);
+        ``xs`` are the padded input tensors, ``sizes`` the images' (height, width)."""
         from model.refine import refine_latents
 
         ys, zs = [], []
-        for i, img in enumerate(images):
-            x = self._to_tensor([img])
-            y_i, z_i = refine_latents(
-                self.net, x, y[i : i + 1], z[i : i + 1], quality, steps, size=img.shape[:2]
-            )
+        for i, (x, size) in enumerate(zip(xs, sizes, strict=True)):
+            y_i, z_i = refine_latents(self.net, x, y[i : i + 1], z[i : i + 1], quality, steps, size=size)
             ys.append(y_i)
             zs.append(z_i)
         return torch.cat(ys), torch.cat(zs)
@@ -280,14 +286,23 @@ class Codec:
 
     @torch.inference_mode()
     def encoder_latents(self, image: np.ndarray, quality: float) -> dict:
-        """What the encoder quantises for one image: z symbols, per-pass (symbols, indexes), y_hat."""
+        """What the encoder quantises for one image: z symbols, per-pass (symbols, indexes), y_hat,
+        and per pass the continuous scales the entropy model predicted (before the table lookup)."""
         q = self._check_quality(quality)
         net = self.net
         y = self._stages.analysis(self._to_tensor([image]), torch.tensor([q], device=self.device))
         med = net.entropy_bottleneck.medians().view(1, -1, 1, 1)
         z_sym = torch.round(self._stages.hyper_analysis(y) - med).to(torch.int32)
-        y_hat, passes = self._entropy_parameters(z_sym.float() + med, y)
-        return {"z_symbols": z_sym[0], "passes": passes, "y_hat": y_hat}
+        scales: list[torch.Tensor] = []
+
+        def recording_indexes(s: torch.Tensor) -> torch.Tensor:
+            scales.append(s.clone())
+            return net.gaussian.indexes(s)
+
+        with torch_threads(self.entropy_threads):
+            hyper = self._stages.hyper_synthesis(z_sym.float() + med)
+            y_hat, passes = net.context.code(hyper, recording_indexes, y=y, nets=self._stages)
+        return {"z_symbols": z_sym[0], "passes": passes, "y_hat": y_hat, "scales": scales}
 
     @torch.inference_mode()
     def reconstruct(self, y_hat: torch.Tensor, quality: float) -> torch.Tensor:

@@ -128,13 +128,15 @@ def rate_distortion(out: dict, x: torch.Tensor, lambdas: torch.Tensor) -> dict[s
 
 def make_optimisers(
     model: LALIC, lr: float, aux_lr: float = AUX_LR
-) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+) -> tuple[torch.optim.Adam, torch.optim.Adam | None]:
     """Adam for the network and a separate Adam for the factorised prior's ``quantiles`` (aux loss).
 
-    Frozen parameters (``requires_grad`` off, see :func:`freeze`) are left out."""
-    main = [p for n, p in model.named_parameters() if not n.endswith("quantiles") and p.requires_grad]
-    aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
-    return torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=aux_lr)
+    Frozen parameters (``requires_grad`` off, see :func:`freeze`) are left out; with the quantiles
+    frozen too (``--freeze entropy_bottleneck``) there is no auxiliary optimiser (``None``)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    main = [p for n, p in trainable if not n.endswith("quantiles")]
+    aux = [p for n, p in trainable if n.endswith("quantiles")]
+    return torch.optim.Adam(main, lr=lr), (torch.optim.Adam(aux, lr=aux_lr) if aux else None)
 
 
 def freeze(model: LALIC, prefixes: list[str]) -> list[str]:
@@ -159,7 +161,7 @@ def optimisation_step(
     net: torch.nn.Module,
     model: LALIC,
     opt: torch.optim.Optimizer,
-    aux_opt: torch.optim.Optimizer,
+    aux_opt: torch.optim.Optimizer | None,
     x: torch.Tensor,
     quality: torch.Tensor,
     lam: torch.Tensor,
@@ -168,7 +170,8 @@ def optimisation_step(
     metric: str = "mse",
     noise: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """One Adam step on the rate-distortion loss and one on the prior's auxiliary loss.
+    """One Adam step on the rate-distortion loss and one on the prior's auxiliary loss (only
+    measured when ``aux_opt`` is ``None``: the quantiles are frozen).
 
     ``net`` is ``model`` or its ``torch.compile`` wrapper; ``noise=False`` takes the rate of the
     rounded latents (:meth:`LALIC.forward`). Returns the detached loss terms plus ``aux``
@@ -187,10 +190,14 @@ def optimisation_step(
     main_params = [p for group in opt.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(main_params, clip)
     opt.step()
-    aux_opt.zero_grad(set_to_none=True)
-    aux = model.aux_loss()
-    aux.backward()
-    aux_opt.step()
+    if aux_opt is None:
+        with torch.no_grad():
+            aux = model.aux_loss()
+    else:
+        aux_opt.zero_grad(set_to_none=True)
+        aux = model.aux_loss()
+        aux.backward()
+        aux_opt.step()
     return {k: v.detach() for k, v in terms.items()} | {"aux": aux.detach(), "grad": grad_norm.detach()}
 
 
@@ -209,7 +216,7 @@ def _state(model, opt, aux_opt, step, sampler) -> dict:
         "config": model.config.to_dict(),
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
-        "aux_optimizer": aux_opt.state_dict(),
+        "aux_optimizer": None if aux_opt is None else aux_opt.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
             "numpy": sampler.rng.bit_generator.state,
@@ -317,13 +324,16 @@ def run_train(args: argparse.Namespace) -> int:
     if args.freeze:
         frozen = freeze(model, args.freeze)
         tqdm.write(f"frozen: {len(frozen)} parameter tensors ({', '.join(args.freeze)})")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise SystemExit(f"--freeze {' '.join(args.freeze)}: no parameter is left to train")
     opt, aux_opt = make_optimisers(model, args.lr, args.aux_lr)
     sampler = CropSampler(find_images(args.data), args.crop, args.seed)
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        aux_opt.load_state_dict(state["aux_optimizer"])
+        if aux_opt is not None:
+            aux_opt.load_state_dict(state["aux_optimizer"])
         step = state["step"]
         torch.set_rng_state(state["rng"]["torch"])
         sampler.rng.bit_generator.state = state["rng"]["numpy"]

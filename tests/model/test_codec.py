@@ -39,6 +39,10 @@ def test_round_trip_symbols_and_reconstruction(codec: Codec, quality: int) -> No
     assert len(decoded) == len(expected) == 1 + codec.net.context.num_passes
     for got, want in zip(decoded, expected, strict=True):
         np.testing.assert_array_equal(got.reshape(want.shape), want)
+    # the recorded continuous scales are the ones the coded table indexes were picked from
+    assert len(enc["scales"]) == len(enc["passes"])
+    for (_, indexes), scales in zip(enc["passes"], enc["scales"], strict=True):
+        assert torch.equal(codec.net.gaussian.indexes(scales), indexes)
     # the decoder's y_hat is the encoder's, and the image is g_s of it
     assert torch.allclose(y_hat, enc["y_hat"], atol=1e-5)
     x_enc = codec.reconstruct(enc["y_hat"], quality)[0, :, :96, :128]

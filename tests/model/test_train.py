@@ -136,6 +136,41 @@ def test_fine_tuning_on_the_rounded_rate_keeps_frozen_parameters(tmp_path: Path)
         train_main([*common[:-3], "--freeze", "g_b", "--steps", "1", "--run", "bad"])
 
 
+@pytest.mark.usefixtures("keep_torch_threads")
+def test_freezing_the_factorised_prior_drops_its_auxiliary_optimiser(tmp_path: Path) -> None:
+    """``--freeze entropy_bottleneck`` freezes the quantiles too: training runs and resumes without
+    the auxiliary optimiser, the prior stays bit-identical and the rest moves; freezing every
+    parameter is an error."""
+    from model.configs import get_config
+    from model.lalic import LALIC
+    from model.zoo import read_weights
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / "a.png")
+    torch.manual_seed(0)
+    init = LALIC(get_config("lalic-s"))
+    torch.save({"config": init.config.to_dict(), "model": init.state_dict()}, tmp_path / "init.pt")
+    runs = tmp_path / "runs"
+    common = ["--data", str(data), "--runs-dir", str(runs), "--run", "eb", "--crop", "64"]
+    common += ["--batch-size", "1", "--lr", "1e-3", "--warmup", "1", "--eval-images", "0", "--threads", "1"]
+    common += ["--log-every", "1", "--freeze", "entropy_bottleneck"]
+    assert train_main([*common, "--steps", "1", "--init", str(tmp_path / "init.pt")]) == 0
+    assert torch.load(runs / "eb" / "checkpoint.pt", weights_only=False)["aux_optimizer"] is None
+    assert train_main([*common, "--steps", "2", "--resume"]) == 0
+    _, after = read_weights(runs / "eb" / "checkpoint.pt")
+    before = init.state_dict()
+    prior = [n for n in before if n.startswith("entropy_bottleneck.") and n in dict(init.named_parameters())]
+    assert any(n.endswith("quantiles") for n in prior)
+    assert all(torch.equal(after[n], before[n]) for n in prior)
+    assert not torch.equal(after["h_a.0.weight"], before["h_a.0.weight"])
+    assert [r["step"] for r in _log(runs / "eb")] == [1, 2]
+    everything = ["g_a", "g_s", "h_a", "h_s", "context", "entropy_bottleneck", "log_gain", "log_inverse_gain"]
+    with pytest.raises(SystemExit, match="no parameter is left to train"):
+        train_main([*common[:-1], *everything, "--steps", "1", "--run", "none"])
+
+
 def test_parse_crop() -> None:
     assert parse_crop("256") == (256, 256)
     assert parse_crop("768x512") == (512, 768)  # WxH, as image sizes are written
