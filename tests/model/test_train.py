@@ -102,13 +102,11 @@ def test_train_step_benchmark_times_each_variant(tmp_path: Path) -> None:
     assert "| 64² | fp32 |" in table and "| 1.00 |" in table and "| 64² | bf16 |" in table
 
 
-@pytest.mark.usefixtures("keep_torch_threads")
-def test_fine_tuning_on_the_rounded_rate_keeps_frozen_parameters(tmp_path: Path) -> None:
-    """``--rate rounded --freeze g_a log_gain``: the encoder side stays bit-identical, the rest
-    moves, and a resume keeps the freeze."""
+def _fine_tuning_setup(tmp_path: Path, run: str) -> tuple[dict[str, torch.Tensor], Path, list[str]]:
+    """A random 64² photo, a random lalic-s saved as ``init.pt`` and the ``lalic train`` arguments
+    of a one-image, 64² fine-tuning run named ``run``: (initial state dict, runs dir, arguments)."""
     from model.configs import get_config
     from model.lalic import LALIC
-    from model.zoo import read_weights
 
     data = tmp_path / "data"
     data.mkdir()
@@ -118,13 +116,23 @@ def test_fine_tuning_on_the_rounded_rate_keeps_frozen_parameters(tmp_path: Path)
     init = LALIC(get_config("lalic-s"))
     torch.save({"config": init.config.to_dict(), "model": init.state_dict()}, tmp_path / "init.pt")
     runs = tmp_path / "runs"
-    common = ["--data", str(data), "--runs-dir", str(runs), "--run", "hard", "--crop", "64"]
+    common = ["--data", str(data), "--runs-dir", str(runs), "--run", run, "--crop", "64"]
     common += ["--batch-size", "1", "--lr", "1e-3", "--warmup", "1", "--eval-images", "0", "--threads", "1"]
-    common += ["--log-every", "1", "--rate", "rounded", "--freeze", "g_a", "log_gain"]
-    assert train_main([*common, "--steps", "2", "--init", str(tmp_path / "init.pt")]) == 0
+    common += ["--log-every", "1", "--init", str(tmp_path / "init.pt")]
+    return init.state_dict(), runs, common
+
+
+@pytest.mark.usefixtures("keep_torch_threads")
+def test_fine_tuning_on_the_rounded_rate_keeps_frozen_parameters(tmp_path: Path) -> None:
+    """``--rate rounded --freeze g_a log_gain``: the encoder side stays bit-identical, the rest
+    moves, and a resume keeps the freeze."""
+    from model.zoo import read_weights
+
+    before, runs, common = _fine_tuning_setup(tmp_path, "hard")
+    common += ["--rate", "rounded", "--freeze", "g_a", "log_gain"]
+    assert train_main([*common, "--steps", "2"]) == 0
     assert train_main([*common, "--steps", "3", "--resume"]) == 0
     _, after = read_weights(runs / "hard" / "checkpoint.pt")
-    before = init.state_dict()
     frozen = [n for n in before if n.startswith(("g_a.", "log_gain"))]
     assert frozen and all(torch.equal(after[n], before[n]) for n in frozen)
     for name in ("g_s.", "context.", "h_s.", "log_inverse_gain"):
@@ -141,28 +149,17 @@ def test_freezing_the_factorised_prior_drops_its_auxiliary_optimiser(tmp_path: P
     """``--freeze entropy_bottleneck`` freezes the quantiles too: training runs and resumes without
     the auxiliary optimiser, the prior stays bit-identical and the rest moves; freezing every
     parameter is an error."""
-    from model.configs import get_config
-    from model.lalic import LALIC
     from model.zoo import read_weights
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(1)
-    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / "a.png")
-    torch.manual_seed(0)
-    init = LALIC(get_config("lalic-s"))
-    torch.save({"config": init.config.to_dict(), "model": init.state_dict()}, tmp_path / "init.pt")
-    runs = tmp_path / "runs"
-    common = ["--data", str(data), "--runs-dir", str(runs), "--run", "eb", "--crop", "64"]
-    common += ["--batch-size", "1", "--lr", "1e-3", "--warmup", "1", "--eval-images", "0", "--threads", "1"]
-    common += ["--log-every", "1", "--freeze", "entropy_bottleneck"]
-    assert train_main([*common, "--steps", "1", "--init", str(tmp_path / "init.pt")]) == 0
+    before, runs, common = _fine_tuning_setup(tmp_path, "eb")
+    common += ["--freeze", "entropy_bottleneck"]
+    assert train_main([*common, "--steps", "1"]) == 0
     assert torch.load(runs / "eb" / "checkpoint.pt", weights_only=False)["aux_optimizer"] is None
     assert train_main([*common, "--steps", "2", "--resume"]) == 0
     _, after = read_weights(runs / "eb" / "checkpoint.pt")
-    before = init.state_dict()
-    prior = [n for n in before if n.startswith("entropy_bottleneck.") and n in dict(init.named_parameters())]
-    assert any(n.endswith("quantiles") for n in prior)
+    density = ("quantiles", "matrices", "biases", "factors")  # the prior's parameters, not its tables
+    prior = [n for n in before if n.split(".")[0] == "entropy_bottleneck" and n.split(".")[1] in density]
+    assert len(prior) == 1 + 3 * 5 - 1  # quantiles, 5 matrices, 5 biases, 4 factors
     assert all(torch.equal(after[n], before[n]) for n in prior)
     assert not torch.equal(after["h_a.0.weight"], before["h_a.0.weight"])
     assert [r["step"] for r in _log(runs / "eb")] == [1, 2]
