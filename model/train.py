@@ -287,7 +287,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="NAME",
-        help="keep these parameters (names or module prefixes, e.g. g_a log_gain) fixed",
+        help="keep these parameters (names or module prefixes, e.g. g_a log_gain) fixed; "
+        "entropy_bottleneck includes the prior's quantiles, whose auxiliary loss is then only logged",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
