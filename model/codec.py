@@ -276,12 +276,15 @@ class Codec:
             zs.append(z_i)
         return torch.cat(ys), torch.cat(zs)
 
-    def _entropy_parameters(self, z_hat: torch.Tensor, y: torch.Tensor | None = None, decode=None):
-        """h_s and the RWKV-SCCTX coding loop for one image, with the pinned thread count."""
+    def _entropy_parameters(
+        self, z_hat: torch.Tensor, y: torch.Tensor | None = None, decode=None, indexes=None
+    ):
+        """h_s and the RWKV-SCCTX coding loop for one image, with the pinned thread count;
+        ``indexes`` maps predicted scales to table indexes (default: the Gaussian's own)."""
         with torch_threads(self.entropy_threads):
             hyper = self._stages.hyper_synthesis(z_hat)
             return self.net.context.code(
-                hyper, self.net.gaussian.indexes, y=y, decode=decode, nets=self._stages
+                hyper, indexes or self.net.gaussian.indexes, y=y, decode=decode, nets=self._stages
             )
 
     @torch.inference_mode()
@@ -299,9 +302,7 @@ class Codec:
             scales.append(s.clone())
             return net.gaussian.indexes(s)
 
-        with torch_threads(self.entropy_threads):
-            hyper = self._stages.hyper_synthesis(z_sym.float() + med)
-            y_hat, passes = net.context.code(hyper, recording_indexes, y=y, nets=self._stages)
+        y_hat, passes = self._entropy_parameters(z_sym.float() + med, y, indexes=recording_indexes)
         return {"z_symbols": z_sym[0], "passes": passes, "y_hat": y_hat, "scales": scales}
 
     @torch.inference_mode()

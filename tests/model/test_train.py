@@ -159,7 +159,7 @@ def test_freezing_the_factorised_prior_drops_its_auxiliary_optimiser(tmp_path: P
     _, after = read_weights(runs / "eb" / "checkpoint.pt")
     density = ("quantiles", "matrices", "biases", "factors")  # the prior's parameters, not its tables
     prior = [n for n in before if n.split(".")[0] == "entropy_bottleneck" and n.split(".")[1] in density]
-    assert len(prior) == 1 + 3 * 5 - 1  # quantiles, 5 matrices, 5 biases, 4 factors
+    assert len(prior) == 1 + 5 + 5 + 4  # quantiles, 5 matrices, 5 biases, 4 factors
     assert all(torch.equal(after[n], before[n]) for n in prior)
     assert not torch.equal(after["h_a.0.weight"], before["h_a.0.weight"])
     assert [r["step"] for r in _log(runs / "eb")] == [1, 2]
