@@ -12,7 +12,7 @@ PORT ?= 8000
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: run test lint install deploy-tools clean
+.PHONY: run test lint install deploy-tools gpu-kit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,19 @@ lint: $(STAMP)
 
 test: lint deploy-tools
 	$(PY) -m pytest -q --durations=15
+
+# Kit for scripts/gpu_finetune.sh on a GPU machine that receives only the checkout (about 41 MB):
+# training tiles of Urban100 and Sun-Hays80, two Kodak crops for the quick eval, and a Python 3.12
+# wheel of constriction (the one package the trainer needs beyond torch, numpy, Pillow and tqdm).
+GPU_KIT ?= .gpu
+GPU_DATA ?= ../shared/datasets/train/urban100 ../shared/datasets/train/sunhays80
+gpu-kit: $(STAMP)
+	rm -rf $(GPU_KIT)
+	$(PY) -m model.crops --data $(GPU_DATA) --out $(GPU_KIT)/crops --budget-mb 40 --eval-out $(GPU_KIT)/kodak
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 -d $(GPU_KIT)/wheels \
+	  constriction==$$($(PY) -c "import importlib.metadata as m; print(m.version('constriction'))")
+	du -sh $(GPU_KIT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -3,7 +3,9 @@
 Loss (paper Sec. 4.1): ``lambda * 255^2 * MSE + bpp`` per sample (MS-SSIM variant:
 ``lambda * (1 - MS-SSIM) + bpp``). For the variable-rate model each sample draws one of the six
 quality levels and its lambda. Adam for the network, a separate Adam for the factorised prior's
-quantiles (auxiliary loss), gradient clipping, checkpoints with optimiser and RNG state.
+quantiles (auxiliary loss), gradient clipping, checkpoints with optimiser and RNG state, and
+optionally an exponential moving average of the weights (``--ema``), which is then what the run
+delivers.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model.configs import get_config
 from model.lalic import LALIC
-from model.zoo import read_weights
+from model.zoo import read_weights, save_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
 REPO = Path(__file__).resolve().parent.parent
@@ -201,20 +204,41 @@ def optimisation_step(
     return {k: v.detach() for k, v in terms.items()} | {"aux": aux.detach(), "grad": grad_norm.detach()}
 
 
-def lr_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up, constant, then a drop to lr/10 for the last ``drop_fraction`` of the steps."""
+def lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
+    """Linear warm-up, constant, then a drop to lr/10 for the last ``drop_fraction`` of the run.
+
+    The run is ``args.steps`` steps, or ``args.max_minutes`` minutes when that comes first
+    (``minutes``: time spent so far), so a run stopped by the clock still ends on the drop."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    if step >= args.steps * (1 - args.drop_fraction):
+    progress = step / args.steps
+    if args.max_minutes:
+        progress = max(progress, minutes / args.max_minutes)
+    if progress >= 1 - args.drop_fraction:
         return args.lr * 0.1
     return args.lr
 
 
-def _state(model, opt, aux_opt, step, sampler) -> dict:
+def make_ema(model: LALIC, decay: float) -> AveragedModel:
+    """Exponential moving average of the network's parameters, ``p_ema <- decay * p_ema + (1 - decay) * p``
+    after every optimiser step (Polyak averaging; the first update copies the parameters). Buffers
+    are not averaged: they are read from the trained network when the average is delivered."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
+def ema_state_dict(ema: AveragedModel, model: LALIC) -> dict[str, torch.Tensor]:
+    """The average in the network's own state-dict layout: averaged parameters, current buffers."""
+    averaged = dict(ema.module.named_parameters())
+    return {k: (averaged[k].detach() if k in averaged else v) for k, v in model.state_dict().items()}
+
+
+def _state(model, opt, aux_opt, step, sampler, ema=None) -> dict:
     return {
         "step": step,
         "config": model.config.to_dict(),
         "model": model.state_dict(),
+        "ema": None if ema is None else ema_state_dict(ema, model),
+        "ema_updates": None if ema is None else int(ema.n_averaged),
         "optimizer": opt.state_dict(),
         "aux_optimizer": None if aux_opt is None else aux_opt.state_dict(),
         "rng": {
@@ -235,18 +259,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
 @torch.no_grad()
 def quick_eval(model: LALIC, images: list[np.ndarray], qualities: list[float]) -> dict:
     """Likelihood-estimated bpp and PSNR on a few images (the real-bitstream eval is ``lalic eval``)."""
+    was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     results = {}
     for q in qualities:
         bpps, psnrs = [], []
         for img in images:
-            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-            out = model(x, torch.tensor([q]))
-            m = rate_distortion(out, x, torch.tensor([0.0]))
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255).to(device)
+            out = model(x, torch.tensor([q], device=device))
+            m = rate_distortion(out, x, torch.tensor([0.0], device=device))
             bpps.append(float(m["bpp"]))
             psnrs.append(float(m["psnr"]))
         results[f"q{q:g}"] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))}
-    model.train()
+    model.train(was_training)
     return results
 
 
@@ -270,7 +296,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--aux-lr", type=float, default=AUX_LR)
     p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--drop-fraction", type=float, default=0.1, help="final fraction at lr/10")
+    p.add_argument(
+        "--drop-fraction",
+        type=float,
+        default=0.1,
+        help="final fraction of the steps (or of --max-minutes) at lr/10",
+    )
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--quality", type=float, help="train one quality only (fixed-rate models)")
     p.add_argument("--lmbda", type=float, help="lambda for a fixed-rate model")
@@ -290,8 +321,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="keep these parameters (names or module prefixes, e.g. g_a log_gain) fixed; "
         "entropy_bottleneck includes the prior's quantiles, whose auxiliary loss is then only logged",
     )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights with this decay (e.g. 0.999; 0 = off): "
+        "quick evals report both, and checkpoints and --export deliver the average",
+    )
+    p.add_argument(
+        "--export",
+        type=Path,
+        metavar="PATH",
+        help="at the end, also write a float16 weight file of the delivered weights (for --init or "
+        "python -m model.zoo; about 14 MB for lalic-s)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (BiWKV stays float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -301,7 +347,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--eval-images", type=int, default=2)
     p.add_argument("--kodak", type=Path, default=DEFAULT_KODAK)
-    p.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this long")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0,
+        help="stop (with a checkpoint) after this long; the lr drop then starts at whichever of its "
+        "step or its minute comes first",
+    )
     p.add_argument("--log-every", type=int, default=20, help="steps between JSONL log records")
 
 
@@ -313,6 +365,8 @@ def run_train(args: argparse.Namespace) -> int:
     run_dir = args.runs_dir / args.run
     ckpt_path = run_dir / "checkpoint.pt"
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: pick the fastest convolutions once
 
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume else None
     config = (
@@ -339,6 +393,14 @@ def run_train(args: argparse.Namespace) -> int:
         torch.set_rng_state(state["rng"]["torch"])
         sampler.rng.bit_generator.state = state["rng"]["numpy"]
         random.setstate(state["rng"]["python"])
+    ema = None
+    if args.ema:
+        if not 0 < args.ema < 1:
+            raise SystemExit(f"--ema {args.ema}: the decay must lie between 0 and 1")
+        ema = make_ema(model, args.ema)
+        if state is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+            ema.n_averaged.fill_(state["ema_updates"])
     net = torch.compile(model) if args.compile else model
 
     lambdas = torch.tensor(config.lambdas)
@@ -354,8 +416,9 @@ def run_train(args: argparse.Namespace) -> int:
     bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
     with log_path.open("a") as log:
         while step < args.steps:
+            lr = lr_at(step, args, (time.monotonic() - started) / 60)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, args)
+                group["lr"] = lr
             x = sampler.batch(args.batch_size).to(device)
             if config.variable_rate and args.quality is None:
                 qi = torch.randint(0, len(lambdas), (x.shape[0],))
@@ -369,28 +432,39 @@ def run_train(args: argparse.Namespace) -> int:
                 clip=args.clip, bf16=args.bf16, metric=args.metric, noise=args.rate == "noise",
             )  # fmt: skip
             step += 1
+            if ema is not None:
+                ema.update_parameters(model)
             record = {k: round(float(v), 5) for k, v in terms.items() if k not in ("aux", "grad")}
             record.update(step=step, aux=round(float(terms["aux"]), 3), grad=round(float(terms["grad"]), 3))
             bar.update(1)
             bar.set_postfix(loss=record["loss"], bpp=record["bpp"], psnr=record["psnr"])
             if step % args.log_every == 0:
-                log.write(json.dumps({**record, "lr": lr_at(step, args), "time": time.time()}) + "\n")
+                log.write(json.dumps({**record, "lr": lr, "time": time.time()}) + "\n")
                 log.flush()
             if eval_images and (step == args.steps or (args.eval_every > 0 and step % args.eval_every == 0)):
-                ev = quick_eval(model, eval_images, [1.0, 3.0, 6.0] if config.variable_rate else [6.0])
-                log.write(json.dumps({"step": step, "eval": ev, "time": time.time()}) + "\n")
+                qualities = [1.0, 3.0, 6.0] if config.variable_rate else [6.0]
+                ev = {"step": step, "eval": quick_eval(model, eval_images, qualities)}
+                if ema is not None:
+                    ev["eval_ema"] = quick_eval(ema.module, eval_images, qualities)
+                log.write(json.dumps({**ev, "time": time.time()}) + "\n")
                 log.flush()
                 tqdm.write(f"step {step} kodak (estimated): {ev}")
             out_of_time = args.max_minutes and time.monotonic() - started > args.max_minutes * 60
             due = time.monotonic() - last_ckpt > args.checkpoint_minutes * 60
             if due or step == args.steps or out_of_time:
-                save_checkpoint(ckpt_path, _state(model, opt, aux_opt, step, sampler))
+                save_checkpoint(ckpt_path, _state(model, opt, aux_opt, step, sampler, ema))
                 last_ckpt = time.monotonic()
             if out_of_time:
                 break
     bar.close()
-    save_checkpoint(ckpt_path, _state(model, opt, aux_opt, step, sampler))
+    save_checkpoint(ckpt_path, _state(model, opt, aux_opt, step, sampler, ema))
     print(f"checkpoint: {ckpt_path} (step {step})")
+    if args.export is not None:
+        if ema is not None:
+            model.load_state_dict(ema_state_dict(ema, model))
+        args.export.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(model, args.export)
+        print(f"weights: {args.export} ({'moving average' if ema is not None else 'last step'})")
     return 0
 
 

@@ -44,9 +44,10 @@ def default_weights() -> Path:
 
 
 def read_weights(path: str | Path) -> tuple[LalicConfig, dict[str, torch.Tensor]]:
-    """Configuration and float32 state dict of a weight file (float16 storage allowed) or a checkpoint."""
+    """Configuration and float32 state dict of a weight file (float16 storage allowed) or a checkpoint
+    (of a ``lalic train --ema`` run: its moving average, not the last step's weights)."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
-    state = blob.get("state_dict", blob.get("model"))
+    state = blob.get("ema") or blob.get("state_dict", blob.get("model"))
     if state is None or "config" not in blob:
         raise ValueError(f"{path} is not a LALIC weight file or checkpoint")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}

@@ -201,3 +201,56 @@ def test_rectangular_crops_turn_portrait_photos_and_upscale_only_when_needed(tmp
         along, across = (rows, cols) if tag == 10 else (cols, rows)
         assert (np.abs(np.diff(along, axis=0)) == 1).all() and (np.diff(along, axis=1) == 0).all()
         assert (np.abs(np.diff(across, axis=1)) == 1).all() and (np.diff(across, axis=0) == 0).all()
+
+
+@pytest.mark.usefixtures("keep_torch_threads")
+def test_moving_average_of_the_weights_resumes_and_is_delivered(tmp_path: Path) -> None:
+    """``--ema 0.75``: after step 1 the average is the weights, after step 2 (a resumed run) it is
+    0.75 * step 1 + 0.25 * step 2; checkpoints read as weights and ``--export`` give the average,
+    and the quick eval reports both."""
+    from model.zoo import read_weights
+
+    _, runs, common = _fine_tuning_setup(tmp_path, "ema")
+    common += ["--ema", "0.75"]
+    assert train_main([*common, "--steps", "1"]) == 0
+    first = torch.load(runs / "ema" / "checkpoint.pt", weights_only=False)
+    assert first["ema_updates"] == 1
+    name = "g_s.0.weight"
+    assert torch.equal(first["ema"][name], first["model"][name])
+
+    export = tmp_path / "out" / "weights.pt"
+    evals = ["--eval-images", "1", "--eval-every", "0", "--kodak", str(tmp_path / "data")]
+    assert train_main([*common, "--steps", "2", "--resume", "--export", str(export), *evals]) == 0
+    second = torch.load(runs / "ema" / "checkpoint.pt", weights_only=False)
+    assert second["ema_updates"] == 2
+    step1, step2 = first["model"][name], second["model"][name]
+    assert not torch.equal(step1, step2)
+    torch.testing.assert_close(second["ema"][name], 0.75 * step1 + 0.25 * step2)
+    buffer = "entropy_bottleneck.target"
+    assert torch.equal(second["ema"][buffer], second["model"][buffer])
+
+    _, delivered = read_weights(runs / "ema" / "checkpoint.pt")
+    assert torch.equal(delivered[name], second["ema"][name])
+    _, exported = read_weights(export)
+    assert torch.equal(exported[name], second["ema"][name].half().float())
+    assert torch.load(export, weights_only=False)["state_dict"][name].dtype == torch.float16
+    final = _log(runs / "ema")[-1]
+    assert sorted(final["eval"]) == sorted(final["eval_ema"]) == ["q1", "q3", "q6"]
+    assert final["eval"] != final["eval_ema"]
+
+    with pytest.raises(SystemExit, match="--ema 1.5"):
+        train_main([*common[:-2], "--ema", "1.5", "--steps", "1", "--run", "bad"])
+
+
+def test_learning_rate_drops_by_step_or_by_the_clock() -> None:
+    """Warm-up by steps; the drop to lr/10 at 70 % of the steps, or of --max-minutes if sooner."""
+    from model.train import lr_at
+
+    args = argparse.Namespace(lr=1e-4, warmup=10, steps=1000, drop_fraction=0.3, max_minutes=0)
+    assert lr_at(0, args) == pytest.approx(1e-5) and lr_at(9, args) == pytest.approx(1e-4)
+    assert lr_at(699, args, minutes=500) == 1e-4  # no clock without --max-minutes
+    assert lr_at(700, args) == pytest.approx(1e-5)
+    args.max_minutes = 10
+    assert lr_at(100, args, minutes=6.9) == 1e-4
+    assert lr_at(100, args, minutes=7.0) == pytest.approx(1e-5)
+    assert lr_at(5, args, minutes=9) == pytest.approx(6e-5)  # warm-up first
