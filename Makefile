@@ -32,6 +32,7 @@ deploy-tools:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/shellcheck .ci/run $$(git ls-files '*.sh')
 
 test: lint deploy-tools
 	$(PY) -m pytest -q --durations=15
@@ -47,7 +48,9 @@ gpu-kit: $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_17_x86_64 -d $(GPU_KIT)/wheels \
 	  constriction==$$($(PY) -c "import importlib.metadata as m; print(m.version('constriction'))")
-	du -sh $(GPU_KIT)
+	@kit=$$(du -sb $(GPU_KIT) | cut -f1); tree=$$(git ls-files -z | du --files0-from=- -cb | tail -n 1 | cut -f1); \
+	  echo "kit $$((kit / 1048576)) MiB + checkout $$((tree / 1048576)) MiB (the device takes 64 MiB in all)"; \
+	  test $$((kit + tree)) -lt $$((62 * 1048576)) || { echo "too large for the device: lower --budget-mb"; exit 1; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -22,7 +22,8 @@ LR=${LR:-5e-5}
 WARMUP=${WARMUP:-100}
 EMA=${EMA:-0.999}
 EVAL_EVERY=${EVAL_EVERY:-500}
-INIT=${INIT:-$(ls model/weights/lalic-s-*.pt | head -n 1)}
+shipped=(model/weights/lalic-s-*.pt)
+INIT=${INIT:-${shipped[0]}}
 PYTHON=${PYTHON:-python3}
 EXTRA=${EXTRA:-}
 
