@@ -7,7 +7,9 @@ offset                size        field
 ====================  ==========  ==============================================================
 0                     4           magic ``b"LALC"``
 4                     1           format version (u8), ``FORMAT_VERSION`` = 1
-5                     1           flags (u8), must be 0 in version 1
+5                     1           flags (u8): bits 0-1 the orientation the image was coded in
+                                  (bit 0 mirrored left-right, bit 1 flipped top-bottom; the
+                                  decoder flips the image back), bits 2-7 must be 0
 6                     1           ``L``, model id length (u8), 1..32
 7                     L           model id, printable ASCII
 7+L                   8           weights digest (short sha256 of the weights)
@@ -25,6 +27,10 @@ offset                size        field
 55+L+4N               sum(len)    the streams, concatenated; nothing may follow
 ====================  ==========  ==============================================================
 
+Flags were all zero until 2026-12-06 (the orientation was added without a version bump): older
+decoders refuse any stream whose flags are not zero, with a clear error, and streams with zero
+flags are read the same way by both.
+
 Latent shapes are only bounded (channels 1..4096, spatial dims 1..65535, ``c*h*w`` within the
 pixel limit), not tied to the image size.  Tiling is either all zeros (whole image) or positive
 tile sizes with ``overlap < min(tile_h, tile_w)``.
@@ -40,7 +46,7 @@ import operator
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -48,16 +54,23 @@ import numpy as np
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "ORIENTATIONS",
     "BitstreamError",
     "Header",
     "pack",
     "read_header",
+    "reoriented",
     "symbols_crc32",
     "unpack",
 ]
 
 MAGIC = b"LALC"
 FORMAT_VERSION = 1
+
+ORIENTATIONS = (0, 1, 2, 3)
+"""The orientations a stream can record: 0 as is, 1 mirrored left-right, 2 flipped top-bottom,
+3 both (turned 180 degrees). Each is its own inverse (:func:`model.image.flip`)."""
+_ORIENTATION_BITS = 0x03
 
 MAX_MODEL_ID = 32
 MAX_CHANNELS = 4096
@@ -82,6 +95,8 @@ class Header:
     """Everything the decoder needs besides the coded streams (validated on construction).
 
     ``quality`` is rounded to float32 on construction, so it survives a round trip exactly.
+    ``orientation`` is the flip (:data:`ORIENTATIONS`) the encoder applied before coding;
+    ``height`` and ``width`` are those of the image either way (flips keep the shape).
     Raises :class:`BitstreamError` if any field is out of range.
     """
 
@@ -94,6 +109,7 @@ class Header:
     z_shape: tuple[int, int, int]
     tiling: tuple[int, int, int] = (0, 0, 0)
     symbol_crc32: int
+    orientation: int = 0
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__  # frozen dataclass: normalise fields in place
@@ -106,6 +122,7 @@ class Header:
         set_field(self, "z_shape", _check_shape("z_shape", self.z_shape))
         set_field(self, "tiling", _check_tiling(self.tiling))
         set_field(self, "symbol_crc32", _check_int("symbol_crc32", self.symbol_crc32, 0, _U32_MAX))
+        set_field(self, "orientation", _check_int("orientation", self.orientation, 0, ORIENTATIONS[-1]))
 
     @property
     def pixels(self) -> int:
@@ -203,7 +220,7 @@ def pack(header: Header, streams: list[bytes]) -> bytes:
     model_id = header.model_id.encode("ascii")
     body = b"".join(
         (
-            _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(model_id)),
+            _PREFIX.pack(MAGIC, FORMAT_VERSION, header.orientation, len(model_id)),
             model_id,
             _FIXED.pack(
                 header.weights_digest,
@@ -244,8 +261,8 @@ def _parse_header(data: Any, max_pixels: int, max_streams: int) -> tuple[Header,
     _, version, flags, id_len = _PREFIX.unpack_from(buf, 0)
     if version != FORMAT_VERSION:
         raise BitstreamError(f"unsupported format version {version} (this decoder reads {FORMAT_VERSION})")
-    if flags != 0:
-        raise BitstreamError(f"unsupported flags 0x{flags:02x}")
+    if flags & ~_ORIENTATION_BITS:
+        raise BitstreamError(f"unsupported flags 0x{flags:02x} (only bits 0-1, the orientation, are defined)")
     if not 1 <= id_len <= MAX_MODEL_ID:
         raise BitstreamError(f"model id length {id_len} not in 1..{MAX_MODEL_ID}")
     pos = _PREFIX.size + id_len
@@ -279,6 +296,7 @@ def _parse_header(data: Any, max_pixels: int, max_streams: int) -> tuple[Header,
         z_shape=fields[7:10],
         tiling=fields[10:13],
         symbol_crc32=fields[13],
+        orientation=flags & _ORIENTATION_BITS,
     )
     _check_limits(header, max_pixels)
     return header, lengths, payload_crc, pos
@@ -326,6 +344,18 @@ def unpack(
     if _crc_chunks(views) != payload_crc:
         raise BitstreamError("payload CRC mismatch (corrupted streams)")
     return header, [bytes(v) for v in views]
+
+
+def reoriented(data: bytes, orientation: int) -> bytes:
+    """The container ``data`` with its header's orientation set to ``orientation`` (streams and
+    every other field unchanged; the CRCs are recomputed).
+
+    Raises:
+        BitstreamError: ``data`` is not a valid container, or the orientation is not one of
+            :data:`ORIENTATIONS`.
+    """
+    header, streams = unpack(data, max_pixels=_U32_MAX, max_streams=MAX_STREAMS)
+    return pack(replace(header, orientation=orientation), streams)
 
 
 def symbols_crc32(arrays: Iterable[np.ndarray]) -> int:

@@ -4,6 +4,7 @@ Examples::
 
     lalic compress photo.png photo.lalic --quality 3
     lalic compress photo.png photo.lalic --quality 3 --refine-steps 25
+    lalic compress photo.png photo.lalic --quality 3 --orientations 0 1 2 3
     lalic decompress photo.lalic photo.png
     lalic info photo.lalic
     lalic serve --port 8000
@@ -35,7 +36,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     image = load_image(args.input)
     codec = _codec(args)
     start = time.perf_counter()
-    data = codec.compress(image, args.quality, refine_steps=args.refine_steps)
+    data = codec.compress(image, args.quality, refine_steps=args.refine_steps, orientations=args.orientations)
     elapsed = time.perf_counter() - start
     Path(args.output).write_bytes(data)
     h, w = image.shape[:2]
@@ -73,6 +74,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "y_shape": list(header.y_shape),
         "z_shape": list(header.z_shape),
         "tiling": list(header.tiling),
+        "orientation": header.orientation,
         "symbol_crc32": f"{header.symbol_crc32:08x}",
         "stream_bytes": [len(s) for s in streams],
         "total_bytes": len(data),
@@ -83,7 +85,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from model.evaluate import add_eval_arguments, non_negative_int, run_eval
+    from model.evaluate import add_eval_arguments, add_orientations_argument, non_negative_int, run_eval
 
     parser = argparse.ArgumentParser(
         prog="lalic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PSNR for 25 steps, about 1.3 s per step for a 768x512 image on 2 cores; any decoder "
         "reads the result (default 0: off)",
     )
+    add_orientations_argument(p)
     codec_options(p)
     p.set_defaults(func=cmd_compress)
 

@@ -219,19 +219,29 @@ def evaluate_codec(
     qualities: list[float],
     progress: bool = True,
     refine_steps: int = 0,
+    orientations: Sequence[int] = (0,),
 ) -> dict:
     """Evaluate our codec on real bitstreams: ``codec.compress(uint8 HxWx3, quality) -> bytes`` and back.
 
     ``refine_steps > 0`` encodes with latent refinement (``codec.compress(..., refine_steps=N)``,
-    :mod:`model.refine`). Returns CompressAI's result layout (means per quality under ``results``)
-    plus ``per_image`` and ``meta``.
+    :mod:`model.refine`); ``orientations`` other than ``(0,)`` let the encoder pick the cheapest of
+    these flips (``codec.compress(..., orientations=...)``). Returns CompressAI's result layout
+    (means per quality under ``results``) plus ``per_image`` and ``meta``.
     """
     model_id = str(getattr(codec, "model_id", type(codec).__name__))
     compress = codec.compress
     label = model_id
+    options: dict[str, Any] = {}
+    notes = []
     if refine_steps:
-        compress = lambda image, q: codec.compress(image, q, refine_steps=refine_steps)  # noqa: E731
-        label = f"{model_id}, {refine_steps} refinement steps"
+        options["refine_steps"] = refine_steps
+        notes.append(f"{refine_steps} refinement steps")
+    if tuple(orientations) != (0,):
+        options["orientations"] = tuple(orientations)
+        notes.append(f"best of orientations {','.join(map(str, orientations))}")
+    if options:
+        compress = lambda image, q: codec.compress(image, q, **options)  # noqa: E731
+        label = ", ".join([model_id, *notes])
     result = _run_curve(
         compress,
         codec.decompress,
@@ -244,6 +254,7 @@ def evaluate_codec(
     )
     result["meta"]["model_id"] = model_id
     result["meta"]["refine_steps"] = refine_steps
+    result["meta"]["orientations"] = list(orientations)
     try:
         import torch
 
@@ -450,6 +461,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def add_orientations_argument(parser: argparse.ArgumentParser) -> None:
+    """``--orientations``: the flips the encoder tries (:data:`model.bitstream.ORIENTATIONS`)."""
+    parser.add_argument(
+        "--orientations",
+        type=int,
+        nargs="+",
+        choices=(0, 1, 2, 3),
+        default=[0],
+        metavar="O",
+        help="flips to code the image in, keeping the stream of lowest rate-distortion cost: 0 as is, "
+        "1 mirrored left-right, 2 flipped top-bottom, 3 both; the decoder turns the image back. "
+        "'--orientations 0 1 2 3' saves about 1 %% of the bits on Kodak for four encodes and four "
+        "decodes (default: 0)",
+    )
+
+
 def _setting_override(text: str) -> tuple[str, list[int]]:
     name, _, values = text.partition("=")
     if name not in BASELINES or not values:
@@ -489,6 +516,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="encode with N steps of latent refinement (model.refine; about 1.3 s per step for a "
         "768x512 image on 2 cores; default 0: none)",
     )
+    add_orientations_argument(parser)
     parser.add_argument(
         "--out",
         default=None,
@@ -598,9 +626,13 @@ def run_eval(args: argparse.Namespace, codec: CodecLike | None = None) -> int:
     if not args.no_ours:
         if codec is None:
             codec = _load_codec(args)
-        refine_steps = getattr(args, "refine_steps", 0)
         result = evaluate_codec(
-            codec, images, list(args.qualities), progress=progress, refine_steps=refine_steps
+            codec,
+            images,
+            list(args.qualities),
+            progress=progress,
+            refine_steps=getattr(args, "refine_steps", 0),
+            orientations=getattr(args, "orientations", (0,)),
         )
         path = write_json(out_dir / f"{dataset}-ours.json", result)
         ours = curve_from_result(result, "ours", source=str(path))

@@ -55,3 +55,20 @@ def load_image(source: str | Path | bytes) -> np.ndarray:
 
 def save_image(array: np.ndarray, path: str | Path, format: str | None = None) -> None:
     Image.fromarray(array).save(path, format=format)
+
+
+def flip(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` (H, W, ...) in one of the bitstream's orientations (:data:`model.bitstream.ORIENTATIONS`):
+    bit 0 mirrors it left-right, bit 1 flips it top-bottom. Each orientation is its own inverse, so
+    the same call turns a decoded image back. Returns a contiguous copy (or the image itself for 0)."""
+    if (
+        isinstance(orientation, bool)
+        or not isinstance(orientation, int | np.integer)
+        or not 0 <= orientation <= 3
+    ):
+        raise ValueError(f"orientation must be 0, 1, 2 or 3, got {orientation!r}")
+    if orientation == 0:
+        return image
+    rows = slice(None, None, -1 if orientation & 2 else 1)
+    cols = slice(None, None, -1 if orientation & 1 else 1)
+    return np.ascontiguousarray(image[rows, cols])

@@ -16,6 +16,7 @@ def load_bench_script(name: str) -> ModuleType:
     try:
         spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCH))

@@ -19,6 +19,7 @@ from model.bitstream import (
     Header,
     pack,
     read_header,
+    reoriented,
     symbols_crc32,
     unpack,
 )
@@ -233,10 +234,30 @@ def test_wrong_magic_version_flags() -> None:
         unpack(b"LALD" + VALID[4:])
     with pytest.raises(BitstreamError, match="version"):
         unpack(edited(4, "<B", FORMAT_VERSION + 1))
-    with pytest.raises(BitstreamError, match="flags"):
-        unpack(edited(5, "<B", 1))
+    for flags in (0x04, 0x80, 0xFF):  # bits 0-1 are the orientation; the others are undefined
+        with pytest.raises(BitstreamError, match="flags"):
+            unpack(edited(5, "<B", flags))
     with pytest.raises(BitstreamError, match="CRC"):
         unpack(VALID[:-1] + bytes([VALID[-1] ^ 1]))
+
+
+def test_orientation_lives_in_the_flags_byte() -> None:
+    assert VALID[5] == 0 and HEADER.orientation == 0  # streams without a flip: flags stay 0
+    for orientation in (1, 2, 3):
+        data = pack(dataclasses.replace(HEADER, orientation=orientation), STREAMS)
+        assert data[5] == orientation
+        assert data == edited(5, "<B", orientation)  # only the flags byte and the CRCs differ
+        header, streams = unpack(data)
+        assert header == dataclasses.replace(HEADER, orientation=orientation) and streams == STREAMS
+        assert reoriented(data, orientation) == data
+        assert reoriented(data, 0) == VALID
+    for bad in (-1, 4, 1.0, True, None):
+        with pytest.raises(BitstreamError, match="orientation"):
+            dataclasses.replace(HEADER, orientation=bad)
+        with pytest.raises(BitstreamError, match="orientation"):
+            reoriented(VALID, bad)  # type: ignore[arg-type]
+    with pytest.raises(BitstreamError, match="CRC"):
+        reoriented(VALID[:-1] + b"?", 1)
 
 
 def test_non_bytes_input() -> None:

@@ -53,3 +53,30 @@ def test_help_lists_every_command() -> None:
     assert done.returncode == 0
     for command in ("compress", "decompress", "info", "train", "eval", "serve", "export"):
         assert command in done.stdout
+
+
+def test_compress_with_an_orientation_search(tmp_path: Path) -> None:
+    image = load_image(Path(__file__).resolve().parents[3] / "shared/datasets/kodak/kodim23.png")[:64, :96]
+    Image.fromarray(image).save(tmp_path / "in.png")
+    args = [
+        "compress",
+        str(tmp_path / "in.png"),
+        str(tmp_path / "x.lalic"),
+        "--orientations",
+        "0",
+        "1",
+        "2",
+        "3",
+    ]
+    done = lalic(*args)
+    assert done.returncode == 0, done.stderr
+    data = (tmp_path / "x.lalic").read_bytes()
+    codec = Codec.from_pretrained()
+    assert data == codec.compress(image, 3, orientations=(0, 1, 2, 3))
+    orientation = json.loads(lalic("info", str(tmp_path / "x.lalic")).stdout)["orientation"]
+    assert data == codec.compress(image, 3, orientations=(orientation,))
+    done = lalic("decompress", str(tmp_path / "x.lalic"), str(tmp_path / "out.png"))
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), codec.decompress(data))
+    done = lalic(*args[:3], "--orientations", "4")
+    assert done.returncode == 2 and "invalid choice" in done.stderr

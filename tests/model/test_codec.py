@@ -11,8 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.bitstream import BitstreamError, Header, pack, unpack
+from model.bitstream import ORIENTATIONS, BitstreamError, Header, pack, unpack
 from model.codec import Codec, torch_threads
+from model.image import flip
+from model.refine import lambda_for_quality
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +146,55 @@ def test_quality_out_of_range_is_rejected(codec: Codec) -> None:
     for q in (0.99, 6.01, float("nan"), float("inf")):
         with pytest.raises(ValueError):
             codec.compress(image, q)
+
+
+def test_flip_mirrors_by_bit_and_is_its_own_inverse() -> None:
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    assert flip(image, 0) is image
+    np.testing.assert_array_equal(flip(image, 1), image[:, ::-1])
+    np.testing.assert_array_equal(flip(image, 2), image[::-1])
+    np.testing.assert_array_equal(flip(image, 3), image[::-1, ::-1])
+    for orientation in ORIENTATIONS:
+        assert flip(image, orientation).flags.c_contiguous
+        np.testing.assert_array_equal(flip(flip(image, orientation), orientation), image)
+    for bad in (-1, 4, 1.0, True):
+        with pytest.raises(ValueError, match="orientation"):
+            flip(image, bad)  # type: ignore[arg-type]
+
+
+def test_each_orientation_codes_the_flipped_image_and_decodes_it_the_right_way_up(codec: Codec) -> None:
+    image = smooth_image(72, 104, seed=7)
+    for orientation in ORIENTATIONS:
+        data = codec.compress(image, 3, orientations=(orientation,))
+        upright = codec.compress(flip(image, orientation), 3)
+        header, streams = unpack(data)
+        assert header.orientation == orientation and streams == unpack(upright)[1]
+        np.testing.assert_array_equal(codec.decompress(data), flip(codec.decompress(upright), orientation))
+        assert codec.decompress(data).shape == image.shape
+
+
+def test_orientation_search_keeps_the_stream_of_lowest_rate_distortion_cost(codec: Codec) -> None:
+    image = smooth_image(72, 104, seed=8)
+    lmbda = lambda_for_quality(codec.net.config.lambdas, 2.5)
+    streams = {o: codec.compress(image, 2.5, orientations=(o,)) for o in ORIENTATIONS}
+    costs = {}
+    for o, data in streams.items():
+        mse = np.mean((codec.decompress(data).astype(np.float64) - image) ** 2)
+        costs[o] = 8 * len(data) / image[..., 0].size + lmbda * mse
+    assert len(set(costs.values())) == len(ORIENTATIONS)  # the search has a real choice to make
+    best = min(costs, key=costs.__getitem__)
+    assert codec.compress(image, 2.5, orientations=ORIENTATIONS) == streams[best]
+    assert codec.compress(image, 2.5, orientations=ORIENTATIONS[::-1]) == streams[best]
+    worst = max(costs, key=costs.__getitem__)
+    assert codec.compress_batch([image, image], 2.5, orientations=(worst, best)) == [streams[best]] * 2
+    assert codec.compress(image, 2.5) == streams[0]  # the default codes the image as it is
+
+
+def test_bad_orientation_lists_are_rejected(codec: Codec) -> None:
+    image = smooth_image(64, 64, seed=0)
+    for bad in ((), (4,), (-1,), (0, 0), (True,), (1.0,), None, 3):
+        with pytest.raises(ValueError, match="orientations"):
+            codec.compress(image, 3, orientations=bad)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -122,3 +122,13 @@ def test_evaluate_codec_with_refinement(codec: Codec, crop: np.ndarray, tmp_path
     assert "2 refinement steps" in result["name"]
     bpp = 8 * len(codec.compress(crop, QUALITY, refine_steps=2)) / crop.shape[0] / crop.shape[1]
     assert result["results"]["bpp"] == [pytest.approx(bpp, rel=1e-12)]
+
+
+def test_evaluate_codec_with_an_orientation_search(codec: Codec, crop: np.ndarray, tmp_path: Path) -> None:
+    Image.fromarray(crop).save(tmp_path / "crop.png")
+    result = evaluate.evaluate_codec(
+        codec, [tmp_path / "crop.png"], [QUALITY], progress=False, orientations=(0, 2)
+    )
+    assert result["meta"]["orientations"] == [0, 2] and "best of orientations 0,2" in result["name"]
+    bpp = 8 * len(codec.compress(crop, QUALITY, orientations=(0, 2))) / crop.shape[0] / crop.shape[1]
+    assert result["results"]["bpp"] == [pytest.approx(bpp, rel=1e-12)]

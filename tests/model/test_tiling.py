@@ -48,6 +48,16 @@ def test_large_image_is_tiled_and_decodes_exactly_to_its_tiles(codec: Codec, sma
         assert s == codec.compress(np.ascontiguousarray(image[t:b, left:r]), 3)
 
 
+def test_a_tiled_image_can_be_coded_flipped(codec: Codec, small_tiles: None) -> None:
+    image = _image(200, 300)
+    data = codec.compress(image, 3, orientations=(3,))
+    header, streams = unpack(data)
+    upright = codec.compress(np.ascontiguousarray(image[::-1, ::-1]), 3)
+    assert header.tiling == (128, 128, 0) and header.orientation == 3 and streams == unpack(upright)[1]
+    assert all(unpack(s)[0].orientation == 0 for s in streams)  # the tiles themselves are upright
+    np.testing.assert_array_equal(codec.decompress(data), codec.decompress(upright)[::-1, ::-1])
+
+
 def test_inconsistent_tilings_are_rejected(codec: Codec, small_tiles: None) -> None:
     header, streams = unpack(codec.compress(_image(200, 300), 2))
     fields = {f: getattr(header, f) for f in Header.__dataclass_fields__}
