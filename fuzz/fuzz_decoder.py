@@ -181,7 +181,19 @@ def decoder_target() -> Callable[[bytes], str]:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident set size of this process's own memory so far, in MiB.
+
+    Linux's ``VmHWM`` (/proc/self/status), not ``getrusage``'s ``ru_maxrss``: the latter survives
+    ``execve``, so a fuzzer started from a large process (a pytest run that had loaded models: 7 GB)
+    would start above its limit. ``ru_maxrss`` is the fallback where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

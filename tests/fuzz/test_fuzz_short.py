@@ -153,3 +153,15 @@ def test_the_guard_turns_slow_inputs_and_stray_exceptions_into_crashes() -> None
     ok(b"x")
     assert ok.summary()["accepted"] == 1
     assert issubclass(InvariantError, AssertionError)
+
+
+def test_the_memory_guard_counts_only_the_fuzzers_own_memory() -> None:
+    """A fuzzer started by a large process (pytest after the model tests) must not inherit its peak:
+    Linux keeps ``ru_maxrss`` across execve, which once failed the parser target at 7 GB."""
+    ballast = bytearray(768 << 20)
+    ballast[:: 1 << 12] = b"\1" * len(range(0, len(ballast), 1 << 12))  # touch every page
+    code = "from fuzz.fuzz_decoder import _peak_rss_mb; print(_peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    del ballast
+    assert child.returncode == 0, child.stderr
+    assert 1 < float(child.stdout) < 512
