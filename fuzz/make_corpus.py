@@ -3,7 +3,7 @@
 The streams come from ``Codec.random("lalic-s", seed=0)`` (the codec the decoder target runs), so
 every seed decodes: the fuzzer starts from inputs that reach the range decoder and the network.
 Images are at most 64x64 (one 64x64 padded block, a few tens of milliseconds per decode) and the
-streams are a few KB at most.
+streams are a few KB at most. Three seeds are coded flipped (the header's orientation bits).
 
     python fuzz/make_corpus.py            # rewrites fuzz/corpus/
     python fuzz/make_corpus.py --check    # exit 1 if fuzz/corpus/ is missing or stale
@@ -71,6 +71,10 @@ def seeds(codec: Codec) -> Iterator[tuple[str, bytes]]:
         for quality in (1.0, 6.0):
             image = smooth_image(height, width, 3)
             yield f"q{quality:g}-smooth-{height}x{width}.lalic", codec.compress(image, quality)
+    for orientation in (1, 2, 3):  # flipped before coding: the decoder turns the image back
+        image = smooth_image(*SIZES[2], 4)
+        name = f"q3-smooth-{SIZES[2][0]}x{SIZES[2][1]}-orientation{orientation}.lalic"
+        yield name, codec.compress(image, 3.0, orientations=(orientation,))
 
 
 def make_codec() -> Codec:
