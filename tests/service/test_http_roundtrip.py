@@ -36,6 +36,19 @@ def test_roundtrip_matches_the_codec(main_server: Server, codec: Any, quality: f
         assert np.array_equal(decode(restored.content), codec.decompress(stream))
 
 
+def test_a_stream_coded_flipped_decodes_the_right_way_up(main_server: Server, codec: Any) -> None:
+    """Streams of ``lalic compress --orientations`` (orientation bits in the header) decode upright."""
+    image = test_image(70, 90, seed=11)
+    turned = codec.decompress(codec.compress(np.ascontiguousarray(image[::-1, ::-1]), 3))
+    with main_server.client() as http:
+        for orientation in (1, 2, 3):
+            stream = codec.compress(image, 3, orientations=(orientation,))
+            restored = http.post("/decompress", content=stream, headers=LALIC)
+            assert restored.status_code == 200, restored.text
+            assert np.array_equal(decode(restored.content), codec.decompress(stream))
+        assert np.array_equal(decode(restored.content), turned[::-1, ::-1])  # orientation 3: turned back
+
+
 def test_multipart_upload_equals_raw_body(main_server: Server) -> None:
     data = encode(test_image(64, 64, seed=5))
     with main_server.client() as http:
