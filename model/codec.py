@@ -70,8 +70,9 @@ from model.bitstream import (
 from model.coder import CoderError, SymbolDecoder, SymbolEncoder
 from model.configs import get_config
 from model.export import BACKENDS, load_stages
-from model.image import flip
+from model.image import flip, is_orientation
 from model.lalic import LALIC, PAD_MULTIPLE
+from model.metrics import bits_per_pixel, mse
 from model.refine import lambda_for_quality
 from model.tiling import compress_tiled, decompress_tiled, needs_tiling
 
@@ -119,17 +120,13 @@ class _Timer:
                 self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _is_orientation(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value in ORIENTATIONS
-
-
 def _check_orientations(orientations: Sequence[int]) -> tuple[int, ...]:
     """A non-empty tuple of distinct orientations from :data:`model.bitstream.ORIENTATIONS`."""
     try:
         items = tuple(orientations)
     except TypeError:
         raise ValueError(f"orientations must be a sequence of 0..3, got {orientations!r}") from None
-    if not items or len(set(items)) != len(items) or any(not _is_orientation(o) for o in items):
+    if not items or len(set(items)) != len(items) or any(not is_orientation(o) for o in items):
         raise ValueError(f"orientations must be distinct values of {ORIENTATIONS}, got {orientations!r}")
     return items
 
@@ -282,8 +279,8 @@ class Codec:
             if orientation:
                 stream = reoriented(stream, orientation)
             decoded = self.decompress_batch([stream], max_pixels=max(pixels, 100_000_000))[0]
-            mse = float(np.mean((decoded.astype(np.float64) - image) ** 2))  # in 8-bit levels: 255^2 x
-            cost = 8 * len(stream) / pixels + lmbda * mse
+            # the training loss: lambda * 255^2 * MSE on [0, 1] pixels is lambda * MSE in 8-bit levels
+            cost = bits_per_pixel(len(stream), *image.shape[:2]) + lmbda * mse(decoded, image)
             if best is None or cost < best[0]:
                 best = (cost, stream)
         return best[1]  # type: ignore[index]

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from model import metrics
 from model.baselines import BASELINES, BaselineUnavailableError, get_baseline
 from model.bdrate import NoOverlapError, bd_rate, overlap_interval
+from model.bitstream import ORIENTATIONS
 from model.plot import plot_rd
 from model.rdcurves import Curve, curve_from_result, load_reference_curves
 
@@ -467,7 +468,7 @@ def add_orientations_argument(parser: argparse.ArgumentParser) -> None:
         "--orientations",
         type=int,
         nargs="+",
-        choices=(0, 1, 2, 3),
+        choices=ORIENTATIONS,
         default=[0],
         metavar="O",
         help="flips to code the image in, keeping the stream of lowest rate-distortion cost: 0 as is, "

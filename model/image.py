@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from model.bitstream import ORIENTATIONS
+
 
 class ImageError(ValueError):
     """The input is not a decodable image."""
@@ -57,16 +59,17 @@ def save_image(array: np.ndarray, path: str | Path, format: str | None = None) -
     Image.fromarray(array).save(path, format=format)
 
 
+def is_orientation(value: object) -> bool:
+    """Whether ``value`` is an integer (not a bool or float) of :data:`model.bitstream.ORIENTATIONS`."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value in ORIENTATIONS
+
+
 def flip(image: np.ndarray, orientation: int) -> np.ndarray:
     """``image`` (H, W, ...) in one of the bitstream's orientations (:data:`model.bitstream.ORIENTATIONS`):
     bit 0 mirrors it left-right, bit 1 flips it top-bottom. Each orientation is its own inverse, so
     the same call turns a decoded image back. Returns a contiguous copy (or the image itself for 0)."""
-    if (
-        isinstance(orientation, bool)
-        or not isinstance(orientation, int | np.integer)
-        or not 0 <= orientation <= 3
-    ):
-        raise ValueError(f"orientation must be 0, 1, 2 or 3, got {orientation!r}")
+    if not is_orientation(orientation):
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
     if orientation == 0:
         return image
     rows = slice(None, None, -1 if orientation & 2 else 1)
