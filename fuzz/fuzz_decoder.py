@@ -7,7 +7,7 @@ Two targets:
     header and payload CRC checks included), then again on the input with its CRCs repaired (see
     :func:`repair_crcs`), to reach the field checks behind the CRCs. Fast: pure Python on a few KB.
 ``decoder``
-    ``Codec.random("lalic-s", seed=0)``: ``read_header`` then ``decompress_batch`` (what the
+    the shipped ``lalic-s`` weights: ``read_header`` then ``decompress_batch`` (what the
     service's /decompress runs), with the pixel limit at 256x256 so that every input stays cheap.
     Both CRCs of the input are repaired first (see :func:`repair_crcs`): otherwise almost every
     mutation would stop at a CRC check, and the range decoder and the network would never see it.
@@ -154,15 +154,12 @@ def parser_target() -> Callable[[bytes], str]:
 
 
 def decoder_target() -> Callable[[bytes], str]:
-    """The full decoder of the random-weights codec, on the input with its CRCs repaired."""
-    import torch
-
-    torch.set_num_threads(1)
+    """The full decoder of the shipped weights, on the input with its CRCs repaired."""
+    from fuzz.make_corpus import make_codec  # the codec that wrote the seeds
     from model.bitstream import BitstreamError
-    from model.codec import Codec
 
     # one thread throughout, entropy path included: the per-input limit is CPU time
-    codec = Codec.random("lalic-s", seed=0, device="cpu", backend="torch", entropy_threads=1)
+    codec = make_codec()
 
     def run(data: bytes) -> str:
         stream = repair_crcs(data)

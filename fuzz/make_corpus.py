@@ -1,22 +1,31 @@
 """Write the fuzzers' seed corpus: real LALIC bitstreams of small images at every quality.
 
-The streams come from ``Codec.random("lalic-s", seed=0)`` (the codec the decoder target runs), so
-every seed decodes: the fuzzer starts from inputs that reach the range decoder and the network.
-Images are at most 64x64 (one 64x64 padded block, a few tens of milliseconds per decode) and the
-streams are a few KB at most. Three seeds are coded flipped (the header's orientation bits).
+The streams come from the shipped ``lalic-s`` weights (``Codec.from_pretrained()``, the codec the
+decoder target runs), so every seed decodes: the fuzzer starts from inputs that reach the range
+decoder and the network. The shipped weights are the same bytes on every machine; random
+initialisation is not (``torch.nn.init`` draws through SIMD kernels that round differently on an
+AMD EPYC, an Intel Xeon and under ``ATEN_CPU_CAPABILITY=default``), which once made the corpus
+stale on every machine but the one that wrote it. Images are at most 64x64 (one 64x64 padded
+block, a few tens of milliseconds per decode) and the streams are a few KB at most. Three seeds are
+coded flipped (the header's orientation bits).
 
-    python fuzz/make_corpus.py            # rewrites fuzz/corpus/
+    python fuzz/make_corpus.py            # rewrites fuzz/corpus/ (after the shipped weights change)
     python fuzz/make_corpus.py --check    # exit 1 if fuzz/corpus/ is missing or stale
 
-The coded payload of a seed depends on the CPU as well as on the code and the weights: the
-entropy-parameter networks run in float32, and oneDNN/MKL pick different kernels (so different
-rounding) on different CPUs. On an Intel Xeon (Sapphire Rapids), 1 of the 22 seeds written on an
-AMD EPYC (``q4-noise-64x64``: random weights, noise) codes differently and the EPYC stream is
-refused there by the symbol checksum. ``--check`` therefore compares what does not depend on the
-CPU (the seed names and every header field but the symbol CRC), requires most payloads to match
-(a change to the coding loop without a format-version bump changes them all), and requires every
-seed whose payload differs here to decode or be refused with a ``BitstreamError``, never anything
-else.
+What ``--check`` compares, and why. The coded symbols of a seed depend on the CPU as well as on the
+code and the weights: the analysis transform and the entropy-parameter networks run in float32, and
+oneDNN/MKL/ATen pick different kernels (so different rounding) on different CPUs, so one symbol of a
+few thousand can land on the other side of a rounding edge. What the format promises today is that a
+stream decodes or is refused with a ``BitstreamError`` (the symbol checksum), never anything else.
+So ``--check`` requires:
+
+- the same seed names, and every header field but the symbol CRC equal to the one written here
+  (image size, quality, latent shapes, tiling, orientation, model id and weights digest: none of
+  them depends on the CPU);
+- most payloads byte-identical to the ones written here: a change to the coding loop without a
+  format-version bump changes them all, while another CPU's rounding changes a few at most;
+- every committed seed whose payload differs from the one written here decodes here or is refused
+  with a ``BitstreamError`` (the identical ones are the decoder fuzzer's first inputs).
 """
 
 from __future__ import annotations
@@ -38,8 +47,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
-MODEL = "lalic-s"
-SEED = 0
 QUALITIES = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 2.5, 4.75)
 """Every anchor quality, and two in between (interpolated gains)."""
 SIZES = ((64, 64), (1, 1), (17, 50), (64, 3))
@@ -78,20 +85,29 @@ def seeds(codec: Codec) -> Iterator[tuple[str, bytes]]:
 
 
 def make_codec() -> Codec:
-    """The codec the decoder target uses (random weights, seed 0, eager torch, one thread)."""
+    """The codec the decoder target uses (the shipped weights, eager torch, one thread)."""
     import torch
 
     from model.codec import Codec
 
     torch.set_num_threads(1)
-    return Codec.random(MODEL, seed=SEED, device="cpu", backend="torch", entropy_threads=1)
+    return Codec.from_pretrained(device="cpu", backend="torch", entropy_threads=1)
 
 
-def _portable_header(data: bytes) -> object:
-    """The header without its symbol CRC (the one field that depends on the CPU's rounding)."""
+def header_differences(present: bytes, wanted: bytes) -> list[str]:
+    """Names of the header fields in which two streams differ, the symbol CRC left out.
+
+    The symbol CRC is the one header field that depends on the CPU's rounding (it checks the
+    coded symbols); every other field is fixed by the image, the quality and the weights.
+    """
     from model.bitstream import read_header
 
-    return dataclasses.replace(read_header(data), symbol_crc32=0)
+    old, new = read_header(present), read_header(wanted)
+    return [
+        field.name
+        for field in dataclasses.fields(old)
+        if field.name != "symbol_crc32" and getattr(old, field.name) != getattr(new, field.name)
+    ]
 
 
 def differing_payloads(present: dict[str, bytes], wanted: dict[str, bytes]) -> list[str]:
@@ -108,11 +124,10 @@ def check_corpus(present: dict[str, bytes], wanted: dict[str, bytes], codec: Cod
 
     if set(present) != set(wanted):
         return [f"seed names differ: {sorted(set(present) ^ set(wanted))}"]
-    problems = [
-        f"{name}: header differs"
-        for name in sorted(wanted)
-        if _portable_header(present[name]) != _portable_header(wanted[name])
-    ]
+    problems = []
+    for name in sorted(wanted):
+        if fields := header_differences(present[name], wanted[name]):
+            problems.append(f"{name}: header differs ({', '.join(fields)})")
     differ = differing_payloads(present, wanted)
     if 2 * len(differ) > len(wanted):
         problems.append(f"{len(differ)} of {len(wanted)} payloads differ: the coding loop changed")
