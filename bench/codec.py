@@ -51,7 +51,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-KODAK = Path("/work/shared/datasets/kodak/kodim23.png")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from model.paths import KODAK_DIR  # noqa: E402
+
+KODAK = KODAK_DIR / "kodim23.png"
 SIZES = ["512x512", "768x512", "1920x1080", "3840x2160"]
 LALIC_BACKENDS = ["torch", "torchscript", "onnxruntime"]
 PEERS = ["bmshj2018-hyperprior", "mbt2018-mean", "cheng2020-anchor", "jpeg", "webp", "avif", "jxl"]
@@ -245,7 +250,7 @@ class Pauser:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, signum, frame) -> None:  # noqa: ANN001
+    def _on_signal(self, signum, frame) -> None:
         self.resume()
         raise SystemExit(128 + signum)
 

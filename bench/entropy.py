@@ -37,7 +37,7 @@ from scipy.stats import laplace, norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.coder import (  # noqa: E402
+from model.coder import (
     CdfTables,
     _encode_varints,
     _zigzag,

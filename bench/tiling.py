@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-KODAK = REPO.parent / "shared" / "datasets" / "kodak"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from model.paths import KODAK_DIR  # noqa: E402
+
+KODAK = KODAK_DIR
 SIZES = {"4k": (2160, 3840), "8k": (4320, 7680)}
 
 

@@ -40,7 +40,8 @@ from codec import ENV, Pauser, machine  # noqa: E402
 
 from model.configs import get_config  # noqa: E402
 from model.lalic import LALIC  # noqa: E402
-from model.train import DEFAULT_DATA, CropSampler, find_images, make_optimisers, optimisation_step  # noqa: E402
+from model.paths import TRAIN_DATA_DIR  # noqa: E402
+from model.train import CropSampler, find_images, make_optimisers, optimisation_step  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "compile")
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
             for t in trainers:
                 try:
                     warmup[t.variant] = [t.step(x, (qi + 1).float(), lambdas[qi]) for x in warm]
-                except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a C++ compiler
+                except Exception as exc:
                     failed[t.variant] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
             for _ in range(args.rounds):
                 for t in trainers:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant and crop")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_DATA], help="image folder(s)")
+    p.add_argument("--data", type=Path, nargs="+", default=[TRAIN_DATA_DIR], help="image folder(s)")
     p.add_argument("--pause", help="pid file of a background job to SIGSTOP while timing")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)

@@ -1,15 +1,5 @@
-"""``lalic``: compress and decompress images, inspect bitstreams, train, evaluate, serve.
-
-Examples::
-
-    lalic compress photo.png photo.lalic --quality 3
-    lalic compress photo.png photo.lalic --quality 3 --refine-steps 25
-    lalic compress photo.png photo.lalic --quality 3 --orientations 0 1 2 3
-    lalic decompress photo.lalic photo.png
-    lalic info photo.lalic
-    lalic serve --port 8000
-    lalic eval --limit 4 --qualities 1 3 6
-    lalic train --steps 20000
+"""The model's subcommands of the ``lalic`` command line (:mod:`lalic.cli`): compress, decompress,
+info, train, eval and export.
 
 The decoder picks nothing from flags: model and quality come from the bitstream's header (a
 stream made by other weights is refused with an error naming both).
@@ -19,12 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from model.metrics import bits_per_pixel
+
+if TYPE_CHECKING:
+    from model.codec import Codec
 
 
-def _codec(args: argparse.Namespace):
+def _codec(args: argparse.Namespace) -> Codec:
     from model.codec import Codec
 
     return Codec.from_pretrained(args.weights, device=args.device)
@@ -41,7 +39,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     Path(args.output).write_bytes(data)
     h, w = image.shape[:2]
     print(
-        f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp, {w}x{h}, "
+        f"{args.output}: {len(data)} bytes, {bits_per_pixel(len(data), h, w):.4f} bpp, {w}x{h}, "
         f"quality {args.quality:g}, {elapsed:.2f} s"
     )
     return 0
@@ -78,19 +76,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         "symbol_crc32": f"{header.symbol_crc32:08x}",
         "stream_bytes": [len(s) for s in streams],
         "total_bytes": len(data),
-        "bpp": 8 * len(data) / (header.height * header.width),
+        "bpp": bits_per_pixel(len(data), header.height, header.width),
     }
     print(json.dumps(info, indent=2))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the model's subcommands on the ``lalic`` parser's subcommands."""
     from model.evaluate import add_eval_arguments, add_orientations_argument, non_negative_int, run_eval
-
-    parser = argparse.ArgumentParser(
-        prog="lalic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from model.train import add_train_arguments, run_train
 
     def codec_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--weights", help="weight file (default: the shipped lalic-s weights)")
@@ -129,8 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="bitstream file")
     p.set_defaults(func=cmd_info)
 
-    from model.train import add_train_arguments, run_train
-
     p = sub.add_parser("train", help="train a LALIC model (see lalic train --help)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
@@ -139,34 +132,78 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     p.set_defaults(func=run_eval)
 
-    from service.cli import add_serve_arguments, run_serve
-
-    p = sub.add_parser("serve", help="run the REST service (uvicorn)")
-    add_serve_arguments(p)
-    p.set_defaults(func=run_serve)
-
-    from model.export import add_export_arguments, run_export
-
     p = sub.add_parser("export", help="export the networks to TorchScript / ONNX")
     add_export_arguments(p)
     p.set_defaults(func=run_export)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from service.cli import tune_malloc  # glibc keeps large tensors mapped: 5x faster large ops here
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lalic export``."""
+    parser.description = (
+        "Export LALIC's networks (g_a with gain, h_a, h_s, context and parameter networks, g_s with "
+        "inverse gain) to TorchScript or ONNX with dynamic batch, height and width. Entropy coding "
+        "stays in Python; load the result with Codec(..., backend=..., export_dir=DIR)."
+    )
+    parser.add_argument("--weights", help="weight file (default: the shipped lalic-s weights)")
+    parser.add_argument("--random", metavar="CONFIG", help="export randomly initialised weights of CONFIG")
+    parser.add_argument("--format", choices=["onnx", "torchscript", "all"], default="all")
+    parser.add_argument("--output", "-o", default="export", help="output directory (default: ./export)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="round-trip a test image through each exported backend afterwards",
+    )
 
-    tune_malloc()
-    args = build_parser().parse_args(argv)
+
+def _check_against_eager(eager: Codec, exported: Codec) -> str:
+    """Round-trip a test image through ``exported`` and compare with the eager codec."""
     from model.bitstream import BitstreamError
-    from model.image import ImageError
 
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:128] / 128
+    base = np.stack([np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in range(3)], -1) * 80 + 128
+    image = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    data = exported.compress(image, 3.0)
+    own = exported.decompress(data)
+    same_stream = data == eager.compress(image, 3.0)
     try:
-        return int(args.func(args) or 0)
-    except (BitstreamError, ImageError, ValueError, FileNotFoundError) as exc:
-        print(f"lalic {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        diff = int(np.abs(eager.decompress(data).astype(int) - own.astype(int)).max())
+        decoded = (
+            "eager decodes it to the same pixels"
+            if diff == 0
+            else (f"eager decodes it within {diff} level(s)")
+        )
+    except BitstreamError:
+        decoded = "eager refuses it (entropy parameters differ: BitstreamError)"
+    stream = "same stream as eager" if same_stream else "stream differs from eager"
+    return f"{len(data)} bytes, {stream}, {decoded}"
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def run_export(args: argparse.Namespace) -> int:
+    """``lalic export``: write the stages and a manifest per format; optionally check them."""
+    from model.codec import Codec
+    from model.export import export_stages, read_manifest
+
+    codec = Codec.random(args.random, seed=0) if args.random else Codec.from_pretrained(args.weights)
+    formats: Sequence[str] = ("onnx", "torchscript") if args.format == "all" else (args.format,)
+    out = Path(args.output)
+    for fmt in formats:
+        start = time.perf_counter()
+        target = out / fmt
+        export_stages(
+            codec.net,
+            target,
+            fmt,
+            codec.weights_digest,
+            progress=lambda name, fmt=fmt: print(f"  {fmt}: {name}", flush=True),
+        )
+        size = sum(p.stat().st_size for p in target.iterdir())
+        print(
+            f"{target}: {len(read_manifest(target)['stages'])} stages, {size / 1e6:.1f} MB, "
+            f"{time.perf_counter() - start:.0f} s"
+        )
+        if args.check:
+            backend = "onnxruntime" if fmt == "onnx" else "torchscript"
+            exported = Codec(codec.net, backend=backend, export_dir=str(target))
+            print(f"  check {backend}: {_check_against_eager(codec, exported)}")
+    return 0

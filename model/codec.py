@@ -31,7 +31,7 @@ Intel Xeon (Sapphire Rapids), where 1 of 147 456 decoded values differed by one 
 encoder and decoder should keep the same ``entropy_threads``. g_a and g_s run with the caller's
 threads: measured here, 1 vs 2 threads gave identical streams, and decoded images that differ by
 at most one 8-bit level at a few pixels (g_s reductions split by thread).
-Backends (``backend=``, :mod:`model.export`): ``"torch"`` (eager), ``"torchscript"`` (scripted
+Backends (``backend=``, :mod:`model.backends`): ``"torch"`` (eager), ``"torchscript"`` (scripted
 and frozen stages) and ``"onnxruntime"`` (every stage exported to ONNX, cached per weights and
 code version, or loaded from ``export_dir``). Only the networks change; entropy coding and the
 coding loop are the same Python code for all three. Measured on one machine (lalic-s, images
@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.backends import check_backend, load_stages
 from model.bitstream import (
     ORIENTATIONS,
     BitstreamError,
@@ -69,7 +70,6 @@ from model.bitstream import (
 )
 from model.coder import CoderError, SymbolDecoder, SymbolEncoder
 from model.configs import get_config
-from model.export import BACKENDS, load_stages
 from model.image import flip, is_orientation
 from model.lalic import LALIC, PAD_MULTIPLE
 from model.metrics import bits_per_pixel, mse
@@ -78,8 +78,6 @@ from model.tiling import compress_tiled, decompress_tiled, needs_tiling
 
 ENTROPY_THREADS = 2
 """Default torch threads of the entropy-parameter path (see the module docstring)."""
-
-STAGES = ("analysis", "hyper", "entropy_parameters", "synthesis", "entropy_coding")
 
 
 def state_digest(net: torch.nn.Module) -> bytes:
@@ -149,10 +147,8 @@ class Codec:
         export_dir: str | None = None,
         threads: int | None = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is not available (supported: {', '.join(BACKENDS)})")
         self.device = str(device)
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.net = net.to(device).prepare_for_inference()
         for model, cdfs in ((self.net.gaussian, "y_cdfs"), (self.net.entropy_bottleneck, "z_cdfs")):
             if getattr(model, cdfs).numel() == 0:  # build missing tables only: stored ones are kept
@@ -162,7 +158,7 @@ class Codec:
         self.entropy_threads = entropy_threads
         self._y_tables = self.net.gaussian.tables()
         self._z_tables = self.net.entropy_bottleneck.tables()
-        # the networks behind the chosen backend (model.export); the coding loop stays Python
+        # the networks behind the chosen backend (model.backends); the coding loop stays Python
         self._stages = load_stages(
             self.net,
             backend,

@@ -31,7 +31,7 @@ class ContextNetworks(Protocol):
     """The three networks of slice ``k`` that :meth:`ContextModel.code` calls.
 
     The codec passes an implementation backed by eager modules, TorchScript or onnxruntime
-    (:mod:`model.export`); the coding loop itself stays Python and is shared by all of them.
+    (:mod:`model.backends`); the coding loop itself stays Python and is shared by all of them.
     """
 
     def channel(self, k: int, decoded: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.train import DEFAULT_DATA, DEFAULT_KODAK, crop_shape, find_images, parse_crop
+from model.paths import KODAK_DIR, TRAIN_DATA_DIR
+from model.train import crop_shape, find_images, parse_crop
 
 FORMATS = {
     "jpeg": (".jpg", {"format": "JPEG", "quality": 95, "subsampling": 0}),
@@ -111,7 +112,7 @@ def write_eval_crops(kodak: Path, out: Path, images: int = 2, size: int = 512) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.crops", description=__doc__)
-    p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_DATA], help="photo folder(s)")
+    p.add_argument("--data", type=Path, nargs="+", default=[TRAIN_DATA_DIR], help="photo folder(s)")
     p.add_argument("--out", type=Path, required=True, help="folder for the tiles and index.json")
     p.add_argument("--tile", type=parse_crop, default=(512, 512), metavar="N|WxH", help="tile size (512)")
     p.add_argument("--budget-mb", type=float, default=40.0, help="total bytes of tiles, in MB (40)")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-out", type=Path, help="also write the quick-eval Kodak crops here")
-    p.add_argument("--kodak", type=Path, default=DEFAULT_KODAK)
+    p.add_argument("--kodak", type=Path, default=KODAK_DIR)
     p.add_argument("--eval-images", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

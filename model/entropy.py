@@ -27,13 +27,13 @@ class _LowerBound(torch.autograd.Function):
     """``max(x, bound)`` whose gradient still flows where it pushes ``x`` up (CompressAI's LowerBound)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, bound: float) -> Tensor:  # noqa: D102
+    def forward(ctx, x: Tensor, bound: float) -> Tensor:
         ctx.save_for_backward(x)
         ctx.bound = bound
         return x.clamp_min(bound)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: D102
+    def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
         passes = (x >= ctx.bound) | (grad < 0)
         return passes.type_as(grad) * grad, None
@@ -168,7 +168,7 @@ class FactorizedPrior(nn.Module):
             self._tables = tables_from_buffers(self, "z")
         return self._tables
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("z_cdfs", "z_cdf_lengths", "z_offsets"):
             key = prefix + name
             if key in state_dict:
@@ -229,7 +229,7 @@ class GaussianConditional(nn.Module):
             self._tables = tables_from_buffers(self, "y")
         return self._tables
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         names = ("y_cdfs", "y_cdf_lengths", "y_offsets")
         stored = state_dict.get(prefix + "scale_table")
         same = stored is not None and stored.shape == self.scale_table.shape

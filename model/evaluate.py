@@ -31,6 +31,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +43,7 @@ from model import metrics
 from model.baselines import BASELINES, BaselineUnavailableError, get_baseline
 from model.bdrate import NoOverlapError, bd_rate, overlap_interval
 from model.bitstream import ORIENTATIONS
+from model.paths import KODAK_DIR, OFFICIAL_REFERENCE_DIR, REPO_ROOT
 from model.plot import plot_rd
 from model.rdcurves import Curve, curve_from_result, load_reference_curves
 
@@ -56,9 +58,8 @@ __all__ = [
     "run_eval",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGES = "../shared/datasets/kodak"
-DEFAULT_REFERENCE_DIR = "../shared/reference/lalic-official"
+DEFAULT_IMAGES = os.path.relpath(KODAK_DIR, REPO_ROOT)
+DEFAULT_REFERENCE_DIR = os.path.relpath(OFFICIAL_REFERENCE_DIR, REPO_ROOT)
 DEFAULT_OUT = "bench/results/eval-{dataset}"
 DEFAULT_BASELINE_CACHE = "bench/results/{dataset}-baselines"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
@@ -69,9 +70,9 @@ class CodecLike(Protocol):
 
     model_id: str
 
-    def compress(self, image: np.ndarray, quality: Any) -> bytes: ...  # noqa: D102
+    def compress(self, image: np.ndarray, quality: Any) -> bytes: ...
 
-    def decompress(self, data: bytes) -> np.ndarray: ...  # noqa: D102
+    def decompress(self, data: bytes) -> np.ndarray: ...
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -598,6 +599,73 @@ def _load_codec(args: argparse.Namespace) -> CodecLike:
     return Codec.from_pretrained(**kwargs)
 
 
+@dataclass
+class BaselineRuns:
+    """The baselines' curves of one evaluation, and which were unavailable or reused from the cache."""
+
+    curves: list[Curve] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+
+def evaluate_ours(
+    args: argparse.Namespace, codec: CodecLike | None, images: list[Path], out_dir: Path, dataset: str
+) -> Curve:
+    """Our codec's curve (real bitstreams), written to ``<dataset>-ours.json``."""
+    result = evaluate_codec(
+        codec if codec is not None else _load_codec(args),
+        images,
+        list(args.qualities),
+        progress=not getattr(args, "no_progress", False),
+        refine_steps=getattr(args, "refine_steps", 0),
+        orientations=getattr(args, "orientations", (0,)),
+    )
+    path = write_json(out_dir / f"{dataset}-ours.json", result)
+    return curve_from_result(result, "ours", source=str(path))
+
+
+def evaluate_baselines(
+    args: argparse.Namespace, images: list[Path], out_dir: Path, dataset: str, cache_dir: Path | None
+) -> BaselineRuns:
+    """Every available baseline's curve, each written to ``<dataset>-<name>.json``; results in
+    ``cache_dir`` for the same images and settings are reused instead of coding again."""
+    runs = BaselineRuns()
+    overrides = dict(getattr(args, "baseline_settings", []) or [])
+    image_infos = [_image_info(p.name, _load_rgb(p)) for p in images] if cache_dir else []
+    for name in args.baselines:
+        baseline = get_baseline(name)
+        reason = baseline.unavailable_reason()
+        if reason:
+            runs.unavailable[name] = reason
+            print(f"warning: baseline {name} unavailable: {reason}", file=sys.stderr)
+            continue
+        settings = overrides.get(name, list(baseline.default_settings))
+        result = _load_cached_baseline(cache_dir, dataset, name, image_infos, settings)
+        if result is not None:
+            runs.reused.append(name)
+        else:
+            progress = not getattr(args, "no_progress", False)
+            result = evaluate_baseline(name, images, settings, progress=progress)
+        path = write_json(out_dir / f"{dataset}-{name}.json", result)
+        curve = curve_from_result(result, "baseline", source=str(path))
+        runs.curves.append(curve)
+        runs.files[curve.label] = path.name
+    return runs
+
+
+def bd_rate_rows(
+    curves: list[Curve], ours: Curve | None, references: list[Curve], unavailable: dict[str, str]
+) -> list[dict]:
+    """BD-rate rows of our curve against every other one; without ours, of each baseline against
+    the VTM references (unavailable baselines are then not listed)."""
+    if ours is not None:
+        return bd_rate_table([ours], [c for c in curves if c is not ours], unavailable)
+    baselines = [c for c in curves if c.kind == "baseline"]
+    vtm = [c for c in references if c.label.upper().startswith("VTM")]
+    return bd_rate_table(baselines, vtm, {})
+
+
 def run_eval(args: argparse.Namespace, codec: CodecLike | None = None) -> int:
     """Run ``lalic eval`` with parsed ``args``; ``codec`` replaces the one loaded from ``--weights``.
 
@@ -615,73 +683,27 @@ def run_eval(args: argparse.Namespace, codec: CodecLike | None = None) -> int:
         return 2
     out_dir = _resolve(args.out or DEFAULT_OUT, dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = not getattr(args, "no_progress", False)
     cache_text = getattr(args, "baseline_cache", "")
     cache_dir = _resolve(cache_text, dataset) if cache_text else None
-    overrides = dict(getattr(args, "baseline_settings", []) or [])
     print(f"Evaluating on {len(images)} image(s) of {images_dir} -> {out_dir}", file=sys.stderr)
 
-    curves: list[Curve] = []
-    files: dict[str, str] = {}
-    ours: Curve | None = None
-    if not args.no_ours:
-        if codec is None:
-            codec = _load_codec(args)
-        result = evaluate_codec(
-            codec,
-            images,
-            list(args.qualities),
-            progress=progress,
-            refine_steps=getattr(args, "refine_steps", 0),
-            orientations=getattr(args, "orientations", (0,)),
-        )
-        path = write_json(out_dir / f"{dataset}-ours.json", result)
-        ours = curve_from_result(result, "ours", source=str(path))
-        curves.append(ours)
-        files[ours.label] = path.name
-
-    unavailable: dict[str, str] = {}
-    reused: list[str] = []
+    ours = None if args.no_ours else evaluate_ours(args, codec, images, out_dir, dataset)
+    curves = [ours] if ours is not None else []
+    files = {ours.label: Path(ours.source).name} if ours is not None else {}
+    baselines = BaselineRuns()
     if not args.no_baselines:
-        image_infos = [_image_info(p.name, _load_rgb(p)) for p in images] if cache_dir else []
-        for name in args.baselines:
-            baseline = get_baseline(name)
-            reason = baseline.unavailable_reason()
-            if reason:
-                unavailable[name] = reason
-                print(f"warning: baseline {name} unavailable: {reason}", file=sys.stderr)
-                continue
-            settings = overrides.get(name, list(baseline.default_settings))
-            result = _load_cached_baseline(cache_dir, dataset, name, image_infos, settings)
-            if result is not None:
-                reused.append(name)
-            else:
-                result = evaluate_baseline(name, images, settings, progress=progress)
-            path = write_json(out_dir / f"{dataset}-{name}.json", result)
-            curve = curve_from_result(result, "baseline", source=str(path))
-            curves.append(curve)
-            files[curve.label] = path.name
+        baselines = evaluate_baselines(args, images, out_dir, dataset, cache_dir)
+    curves += baselines.curves
+    files |= baselines.files
+    references = load_reference_curves(_resolve(args.reference_dir), dataset) if args.reference_dir else []
+    curves += references
 
-    references: list[Curve] = []
-    if args.reference_dir:
-        references = load_reference_curves(_resolve(args.reference_dir), dataset)
-        curves.extend(references)
-
-    if ours is not None:
-        tests, anchors = [ours], [c for c in curves if c is not ours]
-        table_unavailable = unavailable
-    else:
-        # Without our codec, compare every baseline with the VTM anchors among the references.
-        tests = [c for c in curves if c.kind == "baseline"]
-        anchors = [c for c in references if c.label.upper().startswith("VTM")]
-        table_unavailable = {}
-    rows = bd_rate_table(tests, anchors, table_unavailable)
     title = f"BD-rate on {dataset} ({len(images)} images)"
+    rows = bd_rate_rows(curves, ours, references, baselines.unavailable)
     markdown = bd_table_markdown(rows, title)
-    if unavailable:
-        markdown += (
-            "\nUnavailable baselines: " + "; ".join(f"{k} ({v})" for k, v in unavailable.items()) + "\n"
-        )
+    if baselines.unavailable:
+        unavailable = "; ".join(f"{k} ({v})" for k, v in baselines.unavailable.items())
+        markdown += f"\nUnavailable baselines: {unavailable}\n"
     write_json(out_dir / "bd-rate.json", {"dataset": dataset, "num_images": len(images), "rows": rows})
     (out_dir / "bd-rate.md").write_text(markdown)
     print(markdown)
@@ -696,8 +718,8 @@ def run_eval(args: argparse.Namespace, codec: CodecLike | None = None) -> int:
             "curves": {
                 c.label: {"kind": c.kind, "file": files.get(c.label, _display_path(c.source))} for c in curves
             },
-            "baselines_unavailable": unavailable,
-            "baselines_reused_from_cache": {"dir": _display_path(cache_dir), "names": reused},
+            "baselines_unavailable": baselines.unavailable,
+            "baselines_reused_from_cache": {"dir": _display_path(cache_dir), "names": baselines.reused},
             "bd_rate": {"json": "bd-rate.json", "markdown": "bd-rate.md"},
             "plot": plot_path.name,
         },

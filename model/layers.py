@@ -36,6 +36,13 @@ def eager_inference() -> bool:
     return not torch.is_grad_enabled()
 
 
+def exporting_onnx() -> bool:
+    """True while ``torch.onnx.export`` traces the model (Spatial Mix then emits :func:`biwkv_onnx_node`)."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.onnx.is_in_onnx_export()
+
+
 def precise_decay_gradient(w: Tensor) -> bool:
     """True when eager autograd records a gradient for the BiWKV decay ``w`` (training).
 
@@ -185,6 +192,73 @@ def biwkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = CHUNK) -> Ten
     return out.add_(shift) if eager_inference() else (out + shift).to(k.dtype)
 
 
+BIWKV_DOMAIN = "lalic"
+"""ONNX domain of the ``BiWKV`` node that Spatial Mix emits while exporting (:func:`biwkv_onnx_node`)."""
+
+
+def biwkv_branch_free(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = CHUNK) -> Tensor:
+    """:func:`model.layers.biwkv` with a fixed chunk length and no shape-dependent branches.
+
+    The same function (up to float rounding) for every sequence length, so that one exported
+    graph serves all. For ``T < chunk`` the one padded chunk masks the decay kernel to distances
+    below ``T`` (the eager code shortens the chunk instead), which keeps every exponent within
+    ``|decay|``; for ``T >= chunk`` the masks are all true and the arithmetic is the eager one.
+    """
+    b, c, t = k.shape
+    pad = (chunk - t % chunk) % chunk
+    v_min = v.amin(dim=-1, keepdim=True)
+    v_max = v.amax(dim=-1, keepdim=True)
+    v_span = torch.maximum(v_max - v_min, 1e-4 * torch.maximum(v_max.abs(), v_min.abs())).clamp_min(1e-6)
+    shift = v_min - 0.05 * v_span
+    k = F.pad(k, (0, pad), value=-1e4).reshape(b, c, -1, chunk)
+    v = F.pad(v - shift, (0, pad)).reshape(b, c, -1, chunk)
+    n_chunks = k.shape[2]
+    m = k.amax(dim=-1, keepdim=True)
+    ek = torch.exp(k - m)
+    both = torch.cat([ek * v, ek], dim=2)
+    pos = torch.arange(chunk, device=k.device, dtype=k.dtype)
+    dist = (pos[:, None] - pos[None, :]).abs()
+    expo = torch.where(dist < t, -(dist - 1.0)[None] * w[:, None, None], float("-inf"))
+    eye = torch.eye(chunk, device=w.device, dtype=torch.bool)
+    kernel = torch.where(eye[None], torch.exp(u)[:, None, None], torch.exp(expo))
+    intra = torch.matmul(both, kernel)
+    back = chunk - 1 - pos
+    to_end = torch.exp(torch.where(back < t, -back, 0.0)[None] * w[:, None])
+    to_start = torch.exp(torch.where(pos < t, -pos, 0.0)[None] * w[:, None])
+    summ = torch.matmul(both, torch.stack([to_end, to_start], dim=-1))
+    w64 = w.double()[:, None]
+    lw = chunk * w64
+    idx = torch.arange(n_chunks, device=k.device, dtype=torch.float64)
+    m64 = m[..., 0].double()
+    log_s = torch.log(summ.double()).view(b, c, 2, n_chunks, 2)
+    alpha_f = m64[:, :, None] + log_s[..., 0] + idx * lw[:, None]
+    alpha_b = m64[:, :, None] + log_s[..., 1] - idx * lw[:, None]
+    carry_f = _exclusive_logcumsumexp(alpha_f, reverse=False) - (idx - 1) * lw[:, None]
+    carry_b = _exclusive_logcumsumexp(alpha_b, reverse=True) + (idx + 1) * lw[:, None]
+    ref = torch.maximum(m64, torch.maximum(carry_f[:, :, 1], carry_b[:, :, 1]))[:, :, None]
+    scale_local = torch.exp(m64[:, :, None] - ref).to(k.dtype)[..., None]
+    scale_f = torch.exp(carry_f - ref).to(k.dtype)
+    scale_b = torch.exp(carry_b - ref).to(k.dtype)
+    carries = torch.stack([scale_f, scale_b], dim=-1).view(b, c, 2 * n_chunks, 2)
+    profiles = torch.stack([to_start, to_end], dim=1)
+    scale_local = scale_local.expand(b, c, 2, n_chunks, 1).reshape(b, c, 2 * n_chunks, 1)
+    total = (torch.matmul(carries, profiles) + scale_local * intra).view(b, c, 2, n_chunks, chunk)
+    out = (total[:, :, 0] / total[:, :, 1]).reshape(b, c, n_chunks * chunk)[..., :t]
+    return out + shift
+
+
+def biwkv_onnx_node(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One opaque ``lalic.BiWKV(w, u, k, v)`` node in an ONNX export, in place of BiWKV's arithmetic.
+
+    Tracing the chunk arithmetic with symbolic height and width costs the exporter ~4.5 s per
+    call site (sympy), 14 times in lalic-s; :mod:`model.export` attaches the node's body, exported
+    once from :func:`biwkv_branch_free`, as an ONNX model-local function.
+    """
+    return torch.onnx.ops.symbolic(
+        f"{BIWKV_DOMAIN}::BiWKV", (w, u, k, v), dtype=v.dtype, shape=v.shape, version=1
+    )
+
+
 def biwkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """The O(T²) definition of Eq. 3, for tests (use float64)."""
     t = k.shape[-1]
@@ -265,8 +339,17 @@ class SpatialMix(nn.Module):
             weight = weight.detach()
         kvr = torch.matmul(weight, x.transpose(1, 2))  # (B, 3C, T): BiWKV's layout
         k, v, r = kvr.split(c, dim=1)
-        wkv = biwkv(self.decay / t, self.boost / t, k.float(), v.float()).to(x.dtype)
+        if exporting_onnx():
+            wkv = self._onnx_biwkv(self.decay / t, self.boost / t, k.float(), v.float())
+        else:
+            wkv = biwkv(self.decay / t, self.boost / t, k.float(), v.float())
+        wkv = wkv.to(x.dtype)
         return torch.matmul((torch.sigmoid(r) * wkv).transpose(1, 2), self.output.weight.t())
+
+    @torch.jit.unused  # never scripted: exporting_onnx() is False under TorchScript
+    def _onnx_biwkv(self, w, u, k, v):  # unannotated: TorchScript cannot resolve postponed annotations here
+        """:func:`biwkv_onnx_node` (every argument and the result are Tensors)."""
+        return biwkv_onnx_node(w, u, k, v)
 
 
 class ChannelMix(nn.Module):

@@ -15,7 +15,9 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -23,14 +25,12 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from model.configs import get_config
+from model.configs import LalicConfig, get_config
 from model.lalic import LALIC
+from model.paths import KODAK_DIR, TRAIN_DATA_DIR
 from model.zoo import read_weights, save_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "train"
-DEFAULT_KODAK = REPO.parent / "shared" / "datasets" / "kodak"
 DEFAULT_RUNS = Path.home() / ".cache" / "lalic" / "runs"
 AUX_LR = 1e-3  # Adam learning rate for the factorised prior's quantiles (aux loss)
 
@@ -204,19 +204,34 @@ def optimisation_step(
     return {k: v.detach() for k, v in terms.items()} | {"aux": aux.detach(), "grad": grad_norm.detach()}
 
 
-def lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
+@dataclass(frozen=True)
+class LrSchedule:
     """Linear warm-up, constant, then a drop to lr/10 for the last ``drop_fraction`` of the run.
 
-    The run is ``args.steps`` steps, or ``args.max_minutes`` minutes when that comes first
-    (``minutes``: time spent so far), so a run stopped by the clock still ends on the drop."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = step / args.steps
-    if args.max_minutes:
-        progress = max(progress, minutes / args.max_minutes)
-    if progress >= 1 - args.drop_fraction:
-        return args.lr * 0.1
-    return args.lr
+    The run is ``steps`` steps, or ``max_minutes`` minutes when that comes first (0: no clock),
+    so a run stopped by the clock still ends on the drop.
+    """
+
+    lr: float
+    warmup: int
+    steps: int
+    drop_fraction: float
+    max_minutes: float = 0.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LrSchedule:
+        return cls(args.lr, args.warmup, args.steps, args.drop_fraction, args.max_minutes)
+
+    def at(self, step: int, minutes: float = 0.0) -> float:
+        """The learning rate of ``step``, ``minutes`` into the run."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = step / self.steps
+        if self.max_minutes:
+            progress = max(progress, minutes / self.max_minutes)
+        if progress >= 1 - self.drop_fraction:
+            return self.lr * 0.1
+        return self.lr
 
 
 def make_ema(model: LALIC, decay: float) -> AveragedModel:
@@ -277,7 +292,7 @@ def quick_eval(model: LALIC, images: list[np.ndarray], qualities: list[float]) -
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_DATA], help="image folder(s)")
+    p.add_argument("--data", type=Path, nargs="+", default=[TRAIN_DATA_DIR], help="image folder(s)")
     p.add_argument("--config", default="lalic-s", help="named configuration (lalic-s, lalic)")
     p.add_argument("--run", default="lalic-s", help="run name; checkpoints in --runs-dir/RUN")
     p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
@@ -334,7 +349,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="PATH",
         help="at the end, also write a float16 weight file of the delivered weights (for --init or "
-        "python -m model.zoo; about 14 MB for lalic-s)",
+        "python -m model.publish; about 14 MB for lalic-s)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
@@ -346,7 +361,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--eval-every", type=int, default=1000, help="steps between quick Kodak evals (0 = only at the end)"
     )
     p.add_argument("--eval-images", type=int, default=2)
-    p.add_argument("--kodak", type=Path, default=DEFAULT_KODAK)
+    p.add_argument("--kodak", type=Path, default=KODAK_DIR)
     p.add_argument(
         "--max-minutes",
         type=float,
@@ -357,21 +372,29 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=20, help="steps between JSONL log records")
 
 
-def run_train(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    run_dir = args.runs_dir / args.run
-    ckpt_path = run_dir / "checkpoint.pt"
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed crop shapes: pick the fastest convolutions once
+@dataclass
+class TrainingRun:
+    """Everything one ``lalic train`` run carries from step to step (and into its checkpoints)."""
 
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume else None
-    config = (
-        get_config(args.config) if state is None else type(get_config(args.config)).from_dict(state["config"])
-    )
+    model: LALIC
+    net: torch.nn.Module  # the model, or its torch.compile wrapper
+    opt: torch.optim.Optimizer
+    aux_opt: torch.optim.Optimizer | None
+    sampler: CropSampler
+    ema: AveragedModel | None
+    step: int
+    checkpoint_path: Path
+
+    def state(self) -> dict:
+        return _state(self.model, self.opt, self.aux_opt, self.step, self.sampler, self.ema)
+
+
+def start_run(args: argparse.Namespace, device: torch.device) -> TrainingRun:
+    """The network, optimisers, crop sampler and moving average of a run: new (from ``--config``,
+    or ``--init`` weights), or as its last checkpoint left them (``--resume``)."""
+    checkpoint_path = args.runs_dir / args.run / "checkpoint.pt"
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False) if args.resume else None
+    config = get_config(args.config) if state is None else LalicConfig.from_dict(state["config"])
     model = LALIC(config).to(device).train()
     if args.init is not None and state is None:
         _, init_state = read_weights(args.init)  # a training checkpoint or a (float16) weight file
@@ -383,89 +406,144 @@ def run_train(args: argparse.Namespace) -> int:
             raise SystemExit(f"--freeze {' '.join(args.freeze)}: no parameter is left to train")
     opt, aux_opt = make_optimisers(model, args.lr, args.aux_lr)
     sampler = CropSampler(find_images(args.data), args.crop, args.seed)
-    step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if aux_opt is not None:
-            aux_opt.load_state_dict(state["aux_optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        sampler.rng.bit_generator.state = state["rng"]["numpy"]
-        random.setstate(state["rng"]["python"])
     ema = None
     if args.ema:
         if not 0 < args.ema < 1:
             raise SystemExit(f"--ema {args.ema}: the decay must lie between 0 and 1")
         ema = make_ema(model, args.ema)
-        if state is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-            ema.n_averaged.fill_(state["ema_updates"])
-    net = torch.compile(model) if args.compile else model
+    run = TrainingRun(model, model, opt, aux_opt, sampler, ema, 0, checkpoint_path)
+    if state is not None:
+        _restore(run, state)
+    if args.compile:
+        run.net = torch.compile(model)
+    return run
 
+
+def _restore(run: TrainingRun, state: dict) -> None:
+    """Weights, optimiser states, step, random generators and moving average from a checkpoint."""
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    if run.aux_opt is not None:
+        run.aux_opt.load_state_dict(state["aux_optimizer"])
+    run.step = state["step"]
+    torch.set_rng_state(state["rng"]["torch"])
+    run.sampler.rng.bit_generator.state = state["rng"]["numpy"]
+    random.setstate(state["rng"]["python"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.module.load_state_dict(state["ema"])
+        run.ema.n_averaged.fill_(state["ema_updates"])
+
+
+def sample_qualities(
+    config: LalicConfig, batch: int, quality: float | None, lmbda: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(quality, lambda) per sample: a random level of the variable-rate model each, or one fixed
+    quality (``--quality``, default the highest) with its lambda (``--lmbda`` overrides it)."""
     lambdas = torch.tensor(config.lambdas)
-    eval_images = []
-    if args.eval_images and args.kodak.is_dir():
-        for p in sorted(args.kodak.glob("*.png"))[: args.eval_images]:
-            with Image.open(p) as im:
-                eval_images.append(np.array(im.convert("RGB"))[:512, :512])
-    log_path = run_dir / "log.jsonl"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last_ckpt = time.monotonic()
-    started = time.monotonic()
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
-    with log_path.open("a") as log:
-        while step < args.steps:
-            lr = lr_at(step, args, (time.monotonic() - started) / 60)
-            for group in opt.param_groups:
+    if config.variable_rate and quality is None:
+        levels = torch.randint(0, len(lambdas), (batch,))
+        return (levels + 1).float(), lambdas[levels]
+    q = quality or float(len(lambdas))
+    return torch.full((batch,), q), torch.full((batch,), lmbda or lambdas[int(q) - 1].item())
+
+
+def load_eval_images(kodak: Path, count: int) -> list[np.ndarray]:
+    """The first ``count`` Kodak images, cropped to 512x512, for the quick evaluation."""
+    if not count or not kodak.is_dir():
+        return []
+    images = []
+    for path in sorted(kodak.glob("*.png"))[:count]:
+        with Image.open(path) as im:
+            images.append(np.array(im.convert("RGB"))[:512, :512])
+    return images
+
+
+def evaluate_run(run: TrainingRun, images: list[np.ndarray]) -> dict:
+    """The quick evaluation of the network (and of its moving average) at qualities 1, 3 and 6."""
+    qualities = [1.0, 3.0, 6.0] if run.model.config.variable_rate else [6.0]
+    record = {"step": run.step, "eval": quick_eval(run.model, images, qualities)}
+    if run.ema is not None:
+        record["eval_ema"] = quick_eval(run.ema.module, images, qualities)
+    return record
+
+
+def deliver_weights(run: TrainingRun, path: Path) -> None:
+    """Write a float16 weight file of what the run delivers: the moving average, else the last step."""
+    if run.ema is not None:
+        run.model.load_state_dict(ema_state_dict(run.ema, run.model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(run.model, path)
+    print(f"weights: {path} ({'moving average' if run.ema is not None else 'last step'})")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``lalic train``: optimise until ``--steps`` or ``--max-minutes``, with logs, quick evals and
+    checkpoints along the way (see :func:`add_train_arguments`)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: pick the fastest convolutions once
+    run = start_run(args, device)
+    schedule = LrSchedule.from_args(args)
+    eval_images = load_eval_images(args.kodak, args.eval_images)
+    run.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+    last_checkpoint = started = time.monotonic()
+    bar = tqdm(total=args.steps, initial=run.step, desc="train", dynamic_ncols=True)
+    with (run.checkpoint_path.parent / "log.jsonl").open("a") as log:
+        while run.step < args.steps:
+            lr = schedule.at(run.step, (time.monotonic() - started) / 60)
+            for group in run.opt.param_groups:
                 group["lr"] = lr
-            x = sampler.batch(args.batch_size).to(device)
-            if config.variable_rate and args.quality is None:
-                qi = torch.randint(0, len(lambdas), (x.shape[0],))
-                quality, lam = (qi + 1).float(), lambdas[qi]
-            else:
-                q = args.quality or float(len(lambdas))
-                quality = torch.full((x.shape[0],), q)
-                lam = torch.full((x.shape[0],), args.lmbda or lambdas[int(q) - 1].item())
+            x = run.sampler.batch(args.batch_size).to(device)
+            quality, lam = sample_qualities(run.model.config, x.shape[0], args.quality, args.lmbda)
             terms = optimisation_step(
-                net, model, opt, aux_opt, x, quality.to(device), lam.to(device),
+                run.net, run.model, run.opt, run.aux_opt, x, quality.to(device), lam.to(device),
                 clip=args.clip, bf16=args.bf16, metric=args.metric, noise=args.rate == "noise",
             )  # fmt: skip
-            step += 1
-            if ema is not None:
-                ema.update_parameters(model)
+            run.step += 1
+            if run.ema is not None:
+                run.ema.update_parameters(run.model)
             record = {k: round(float(v), 5) for k, v in terms.items() if k not in ("aux", "grad")}
-            record.update(step=step, aux=round(float(terms["aux"]), 3), grad=round(float(terms["grad"]), 3))
+            record.update(
+                step=run.step, aux=round(float(terms["aux"]), 3), grad=round(float(terms["grad"]), 3)
+            )
             bar.update(1)
             bar.set_postfix(loss=record["loss"], bpp=record["bpp"], psnr=record["psnr"])
-            if step % args.log_every == 0:
-                log.write(json.dumps({**record, "lr": lr, "time": time.time()}) + "\n")
-                log.flush()
-            if eval_images and (step == args.steps or (args.eval_every > 0 and step % args.eval_every == 0)):
-                qualities = [1.0, 3.0, 6.0] if config.variable_rate else [6.0]
-                ev = {"step": step, "eval": quick_eval(model, eval_images, qualities)}
-                if ema is not None:
-                    ev["eval_ema"] = quick_eval(ema.module, eval_images, qualities)
-                log.write(json.dumps({**ev, "time": time.time()}) + "\n")
-                log.flush()
-                tqdm.write(f"step {step} kodak (estimated): {ev}")
+            if run.step % args.log_every == 0:
+                _log(log, {**record, "lr": lr})
+            eval_due = run.step == args.steps or (args.eval_every > 0 and run.step % args.eval_every == 0)
+            if eval_images and eval_due:
+                evaluation = evaluate_run(run, eval_images)
+                _log(log, evaluation)
+                tqdm.write(f"step {run.step} kodak (estimated): {evaluation}")
             out_of_time = args.max_minutes and time.monotonic() - started > args.max_minutes * 60
-            due = time.monotonic() - last_ckpt > args.checkpoint_minutes * 60
-            if due or step == args.steps or out_of_time:
-                save_checkpoint(ckpt_path, _state(model, opt, aux_opt, step, sampler, ema))
-                last_ckpt = time.monotonic()
+            if time.monotonic() - last_checkpoint > args.checkpoint_minutes * 60 or out_of_time:
+                save_checkpoint(run.checkpoint_path, run.state())
+                last_checkpoint = time.monotonic()
             if out_of_time:
                 break
     bar.close()
-    save_checkpoint(ckpt_path, _state(model, opt, aux_opt, step, sampler, ema))
-    print(f"checkpoint: {ckpt_path} (step {step})")
+    save_checkpoint(run.checkpoint_path, run.state())
+    print(f"checkpoint: {run.checkpoint_path} (step {run.step})")
     if args.export is not None:
-        if ema is not None:
-            model.load_state_dict(ema_state_dict(ema, model))
-        args.export.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, args.export)
-        print(f"weights: {args.export} ({'moving average' if ema is not None else 'last step'})")
+        deliver_weights(run, args.export)
     return 0
+
+
+def _step_record(terms: dict[str, torch.Tensor], step: int) -> dict:
+    """The logged numbers of one optimiser step (loss terms to 5 decimals, aux and grad to 3)."""
+    record = {k: round(float(v), 5) for k, v in terms.items() if k not in ("aux", "grad")}
+    aux, grad = round(float(terms["aux"]), 3), round(float(terms["grad"]), 3)
+    return record | {"step": step, "aux": aux, "grad": grad}
+
+
+def _log(log: TextIO, record: dict) -> None:
+    """One JSON line with the wall-clock time, flushed (so a killed run keeps its log)."""
+    log.write(json.dumps({**record, "time": time.time()}) + "\n")
+    log.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

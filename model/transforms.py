@@ -29,7 +29,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     phase's output channels. The result equals the transposed convolution up to float rounding.
     """
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.register_buffer("subpixel_weight", None, persistent=False)
         self.register_buffer("subpixel_bias", None, persistent=False)
@@ -64,7 +64,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         self.subpixel_bias = bias.repeat_interleave(4)
         self.subpixel_pad = [-lo, hi, -lo, hi]
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         sub_w, sub_b = self.subpixel_weight, self.subpixel_bias
         if sub_w is not None and sub_b is not None:
             return F.pixel_shuffle(F.conv2d(F.pad(x, self.subpixel_pad), sub_w, sub_b), 2)

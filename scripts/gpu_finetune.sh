@@ -4,7 +4,7 @@
 # packages the trainer needs beyond torch, numpy, Pillow and tqdm). One command, time-bounded:
 # it trains for MINUTES with the lr drop in the last 30 % of them and a moving average of the
 # weights, then writes to OUT: weights.pt (float16 weight file of the moving average: --init for
-# `lalic train`, or `python -m model.zoo OUT/weights.pt` to publish), log.jsonl and train.log.
+# `lalic train`, or `python -m model.publish OUT/weights.pt` to publish), log.jsonl and train.log.
 #
 #   KIT=.gpu OUT=$OUT MINUTES=7 bash scripts/gpu_finetune.sh
 #

@@ -1,15 +1,11 @@
 """``serve`` command line: every setting as a flag, then uvicorn with graceful shutdown.
 
-Importing this module tunes glibc malloc (large mmap and trim thresholds) before torch allocates:
-returning big tensor buffers to the OS on every free made large-tensor ops several times slower.
+Importing this module tunes glibc malloc (:mod:`model.malloc`) before torch allocates.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import os
 import sys
 import types
 import typing
@@ -18,43 +14,14 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from model.malloc import tune_malloc
 from service.logs import configure_logging
 from service.settings import Settings
 
-MALLOC_THRESHOLD = 4294967296
-"""Value of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (4 GiB) for this and child processes."""
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_INT_MAX = 2**31 - 1  # mallopt takes a C int
+tune_malloc()
+
 SHUTDOWN_GRACE_S = 10.0
 """Extra seconds beyond ``request_timeout_s`` that uvicorn waits for in-flight requests on SIGTERM."""
-
-
-def tune_malloc() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process and set the env vars for children.
-
-    A threshold whose env var was already set when the process started is left as glibc read it.
-    Returns whether ``mallopt`` was applied (False off glibc).
-    """
-    pending = []
-    for variable, option in (
-        ("MALLOC_MMAP_THRESHOLD_", _M_MMAP_THRESHOLD),
-        ("MALLOC_TRIM_THRESHOLD_", _M_TRIM_THRESHOLD),
-    ):
-        if variable not in os.environ:
-            os.environ[variable] = str(MALLOC_THRESHOLD)
-            pending.append(option)
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return all(mallopt(option, min(MALLOC_THRESHOLD, _INT_MAX)) == 1 for option in pending)
-
-
-tune_malloc()
 
 
 def _flag_options(field: FieldInfo) -> dict[str, Any]:
@@ -134,6 +101,13 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     uvicorn.Server(config).run()
     return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """The service's subcommand of the ``lalic`` command line: ``serve``."""
+    parser = commands.add_parser("serve", help="run the REST service (uvicorn)")
+    add_serve_arguments(parser)
+    parser.set_defaults(func=run_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,6 +249,7 @@ def in_build_context(path: str) -> bool:
         ("pyproject.toml", True),
         ("README.md", True),
         ("model/__init__.py", True),
+        ("lalic/cli.py", True),
         ("model/weights/lalic-s.pt", True),
         ("service/app.py", True),
         ("model/__pycache__/codec.cpython-311.pyc", False),
@@ -270,7 +271,7 @@ def test_dockerignore(path: str, included: bool) -> None:
 def test_dockerignore_keeps_everything_the_build_copies(dockerfile: str) -> None:
     for source in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, flags=re.MULTILINE):
         assert in_build_context(source.rstrip("/")), source
-    for tracked in ("model", "service"):
+    for tracked in ("lalic", "model", "service"):
         for path in (REPO / tracked).rglob("*.py"):
             rel = path.relative_to(REPO).as_posix()
             if "__pycache__" not in rel:

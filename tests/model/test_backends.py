@@ -13,20 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from model.backends import OnnxRunner, Stages
 from model.bitstream import BitstreamError
 from model.codec import Codec, torch_threads
-from model.export import (
-    BIWKV_DOMAIN,
-    OPSET,
-    OnnxRunner,
-    Stages,
-    biwkv_branch_free,
-    biwkv_function,
-    example_inputs,
-    read_manifest,
-    stage_modules,
-)
-from model.layers import biwkv
+from model.export import OPSET, biwkv_function, example_inputs, read_manifest
+from model.layers import BIWKV_DOMAIN, biwkv, biwkv_branch_free
+from model.stages import stage_modules
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -225,7 +217,7 @@ def test_batch_and_threads_do_not_change_streams(codecs: dict[str, Codec], backe
 
 
 def test_lalic_export_torchscript_round_trip(codecs: dict[str, Codec], tmp_path) -> None:
-    from model.cli import main
+    from lalic.cli import main
 
     out = tmp_path / "export"
     assert main(["export", "--random", "lalic-s", "--format", "torchscript", "-o", str(out)]) == 0

@@ -12,10 +12,11 @@ from PIL import Image
 
 from model.codec import Codec
 from model.image import load_image
+from model.paths import KODAK_DIR
 
 
 def lalic(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "model.cli", *args]
+    command = [sys.executable, "-m", "lalic", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -56,7 +57,7 @@ def test_help_lists_every_command() -> None:
 
 
 def test_compress_with_an_orientation_search(tmp_path: Path) -> None:
-    image = load_image(Path(__file__).resolve().parents[3] / "shared/datasets/kodak/kodim23.png")[:64, :96]
+    image = load_image(KODAK_DIR / "kodim23.png")[:64, :96]
     Image.fromarray(image).save(tmp_path / "in.png")
     args = [
         "compress",

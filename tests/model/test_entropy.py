@@ -17,6 +17,7 @@ from model.configs import get_config
 from model.entropy import SCALE_LEVELS, GaussianConditional, gaussian_likelihood, scale_table
 from model.image import load_image
 from model.lalic import LALIC
+from model.paths import KODAK_DIR
 from tests.model.bench_scripts import load_bench_script
 
 
@@ -106,7 +107,7 @@ def test_scale_table_benchmark_matches_the_real_stream(tmp_path: Path) -> None:
     module = load_bench_script("scale_tables")
     images = tmp_path / "images"
     images.mkdir()
-    kodak = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "kodak" / "kodim23.png"
+    kodak = KODAK_DIR / "kodim23.png"
     image = load_image(kodak)[:128, :192]
     Image.fromarray(image).save(images / "crop.png")
     argv = ["--images", str(images), "--qualities", "3", "--levels", "64", "128", "--out", str(tmp_path)]

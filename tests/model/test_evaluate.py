@@ -19,11 +19,11 @@ from PIL import Image
 from model import baselines as baselines_mod
 from model import evaluate
 from model.baselines import BASELINES, BaselineUnavailableError
+from model.paths import KODAK_DIR, OFFICIAL_REFERENCE_DIR
 from model.rdcurves import curve_from_result, load_reference_curves
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-KODAK = SHARED / "datasets" / "kodak"
-REFERENCE_DIR = SHARED / "reference" / "lalic-official"
+KODAK = KODAK_DIR
+REFERENCE_DIR = OFFICIAL_REFERENCE_DIR
 CROP = 256
 RESULT_KEYS = {"bpp", "psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time"}
 
@@ -144,7 +144,7 @@ def test_default_arguments() -> None:
     args = _parse()
     assert args.qualities == [1, 2, 3, 4, 5, 6]
     assert args.baselines == ["jpeg", "webp", "avif444", "avif420", "jxl", "heic"]
-    assert evaluate._resolve(args.images) == (evaluate.REPO_ROOT / ".." / "shared/datasets/kodak").resolve()
+    assert evaluate._resolve(args.images) == KODAK_DIR.resolve()
     assert _parse("--qualities", "1", "2.5").qualities == [1, 2.5]
     assert _parse("--baseline-settings", "jpeg=10,50").baseline_settings == [("jpeg", [10, 50])]
     with pytest.raises(SystemExit):

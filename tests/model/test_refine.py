@@ -15,9 +15,10 @@ from PIL import Image
 from model import evaluate
 from model.codec import Codec
 from model.configs import LAMBDAS
+from model.paths import KODAK_DIR
 from model.refine import lambda_for_quality, rate_distortion, refine_latents
 
-KODAK = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "kodak"
+KODAK = KODAK_DIR
 QUALITY = 3
 
 
@@ -103,7 +104,7 @@ def test_invalid_refine_steps_are_rejected(codec: Codec, crop: np.ndarray, steps
 def test_cli_compress_with_refinement(codec: Codec, crop: np.ndarray, tmp_path: Path) -> None:
     Image.fromarray(crop).save(tmp_path / "in.png")
     run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "model.cli", *a], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "lalic", *a], capture_output=True, text=True, timeout=300
     )
     done = run("compress", str(tmp_path / "in.png"), str(tmp_path / "x.lalic"), "--refine-steps", "2")
     assert done.returncode == 0, done.stderr

@@ -244,13 +244,14 @@ def test_moving_average_of_the_weights_resumes_and_is_delivered(tmp_path: Path) 
 
 def test_learning_rate_drops_by_step_or_by_the_clock() -> None:
     """Warm-up by steps; the drop to lr/10 at 70 % of the steps, or of --max-minutes if sooner."""
-    from model.train import lr_at
+    from model.train import LrSchedule
 
     args = argparse.Namespace(lr=1e-4, warmup=10, steps=1000, drop_fraction=0.3, max_minutes=0)
-    assert lr_at(0, args) == pytest.approx(1e-5) and lr_at(9, args) == pytest.approx(1e-4)
-    assert lr_at(699, args, minutes=500) == 1e-4  # no clock without --max-minutes
-    assert lr_at(700, args) == pytest.approx(1e-5)
-    args.max_minutes = 10
-    assert lr_at(100, args, minutes=6.9) == 1e-4
-    assert lr_at(100, args, minutes=7.0) == pytest.approx(1e-5)
-    assert lr_at(5, args, minutes=9) == pytest.approx(6e-5)  # warm-up first
+    schedule = LrSchedule.from_args(args)
+    assert schedule.at(0) == pytest.approx(1e-5) and schedule.at(9) == pytest.approx(1e-4)
+    assert schedule.at(699, minutes=500) == 1e-4  # no clock without --max-minutes
+    assert schedule.at(700) == pytest.approx(1e-5)
+    clocked = LrSchedule(lr=1e-4, warmup=10, steps=1000, drop_fraction=0.3, max_minutes=10)
+    assert clocked.at(100, minutes=6.9) == 1e-4
+    assert clocked.at(100, minutes=7.0) == pytest.approx(1e-5)
+    assert clocked.at(5, minutes=9) == pytest.approx(6e-5)  # warm-up first

@@ -11,9 +11,10 @@ import pytest
 from model.codec import Codec
 from model.image import load_image
 from model.metrics import psnr
+from model.paths import KODAK_DIR
 from model.zoo import MANIFEST, WEIGHTS_DIR, default_weights, load_network, save_weights, sha256_file
 
-KODAK = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "kodak"
+KODAK = KODAK_DIR
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from service.cli import MALLOC_THRESHOLD, add_serve_arguments, settings_from_args
+from model.malloc import MALLOC_THRESHOLD
+from service.cli import add_serve_arguments, settings_from_args
 from service.settings import Settings
 
 

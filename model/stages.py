@@ -1,0 +1,103 @@
+"""LALIC's networks as stages: modules that map tensors to tensors, which every backend runs.
+
+Only the neural stages leave the network; entropy coding and the pass-by-pass coding loop
+(:meth:`model.context.ContextModel.code`) stay Python and call the stages through
+:class:`model.backends.Stages`, whichever backend runs them (CompressAI issues #72, #87 and #247:
+the ``compress``/``decompress`` loops of learned codecs cannot be scripted or exported).
+
+================  =====================================  =========================================
+name              inputs                                 output
+================  =====================================  =========================================
+analysis          image (B, 3, H, W), quality (B,)       y = g_a(x) * gain(quality)
+hyper_analysis    y (B, M, H/16, W/16)                   z = h_a(y)
+hyper_synthesis   z_hat (B, Z, H/64, W/64)               hyper = h_s(z_hat)
+synthesis         y_hat (B, M, H/16, W/16), quality      x_hat = g_s(y_hat * inverse_gain(quality))
+channel{k}        earlier slices (B, sum g, h, w)        channel context of slice k >= 1
+spatial{k}        decoded anchors (B, g_k, h, w)         checkerboard context of slice k
+params{k}         tokens (B, n, cin)                     scales, means (B, n, g_k)
+================  =====================================  =========================================
+
+The stages of h_s onwards form the entropy-parameter path (:func:`is_entropy_stage`): their
+results decide the coding distributions, so encoder and decoder must compute them identically.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.context import ParameterNet
+from model.lalic import LALIC, interpolated_gain
+
+ENTROPY_STAGES = ("hyper_synthesis", "channel", "spatial", "params")
+"""Kinds of stage on the entropy-parameter path (their float results decide the coding distributions)."""
+
+
+def stage_kind(name: str) -> str:
+    """``"params"`` for ``"params3"``: the stage's name without its slice number."""
+    return name.rstrip("0123456789")
+
+
+def is_entropy_stage(name: str) -> bool:
+    return stage_kind(name) in ENTROPY_STAGES
+
+
+class Gained(nn.Module):
+    """A transform with the variable-rate gain of Cui et al. (CVPR 2021) applied at its input
+    (g_s: ``g_s(y_hat * inverse_gain(q))``) or at its output (g_a: ``g_a(x) * gain(q)``).
+
+    :meth:`model.lalic.LALIC.analysis` and ``synthesis`` are the same functions on the training
+    network; a stage holds a detached copy of the gain table instead (zeros, so a gain of 1, for
+    fixed-rate networks), which scripting with freezing and the exporters turn into constants.
+    """
+
+    def __init__(self, transform: nn.Module, log_gain: Tensor, at_input: bool) -> None:
+        super().__init__()
+        self.transform = transform
+        self.at_input = at_input
+        self.register_buffer("log_gain", log_gain.detach().clone())
+
+    def forward(self, x: Tensor, quality: Tensor) -> Tensor:
+        gain = interpolated_gain(self.log_gain, quality)
+        if self.at_input:
+            return self.transform(x * gain)
+        return self.transform(x) * gain
+
+
+class SplitParams(nn.Module):
+    """A parameter network returning ``(scales, means)`` as two tensors (scriptable, exportable)."""
+
+    def __init__(self, params: ParameterNet) -> None:
+        super().__init__()
+        self.blocks = params.blocks
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.blocks(tokens)
+        g = out.shape[-1] // 2
+        return out[..., :g], out[..., g:]
+
+
+def gain_tables(net: LALIC) -> tuple[Tensor, Tensor]:
+    """(log gain, log inverse gain) tables of ``net``: zeros (a gain of 1) for fixed-rate networks."""
+    if net.config.variable_rate:
+        return net.log_gain, net.log_inverse_gain
+    zeros = torch.zeros(2, net.config.latent, device=next(net.g_a.parameters()).device)
+    return zeros, zeros
+
+
+def stage_modules(net: LALIC) -> dict[str, nn.Module]:
+    """Every stage of a network prepared for inference, by name (see the module docstring)."""
+    ctx = net.context
+    log_gain, log_inverse_gain = gain_tables(net)
+    stages: dict[str, nn.Module] = {
+        "analysis": Gained(net.g_a, log_gain, at_input=False),
+        "hyper_analysis": net.h_a,
+        "hyper_synthesis": net.h_s,
+        "synthesis": Gained(net.g_s, log_inverse_gain, at_input=True),
+    }
+    for k in range(len(ctx.slices)):
+        if k:
+            stages[f"channel{k}"] = ctx.channel[k - 1]
+        stages[f"spatial{k}"] = ctx.spatial[k]
+        stages[f"params{k}"] = SplitParams(ctx.params[k])
+    return stages
