@@ -334,7 +334,26 @@ def fmt_row(cells: list) -> str:
 
 
 def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out: Path) -> None:
-    lines = [
+    """``codec.md``: the run's settings, LALIC's stage times, the codecs side by side, and scaling."""
+    by_key = {(r["codec"], r["size"]): r for r in results}
+    lalic = [f"lalic:{b}" for b in args.backends]
+    lines = _report_settings(args, meta)
+    lines += _stage_tables(by_key, args.sizes, lalic)
+    lines += _side_by_side(by_key, args.sizes, lalic + args.peers)
+    lines += _scaling_table(by_key, args.sizes, lalic + args.peers)
+    lines.append(_quietness([r["other_load"] for r in results if "other_load" in r]))
+    if meta.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(meta["skipped"]) + "."]
+    (out / "codec.md").write_text("\n".join(lines) + "\n")
+
+
+Results = dict[tuple[str, str], dict]
+"""Benchmark results by (codec, size)."""
+
+
+def _report_settings(args: argparse.Namespace, meta: dict) -> list[str]:
+    """The report's title and what was run, where and how."""
+    return [
         "# Codec speed benchmark",
         "",
         f"- Command: `python bench/codec.py {' '.join(args.argv)}`",
@@ -349,10 +368,20 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
         "as a fraction of the machine",
         "",
     ]
-    by_key = {(r["codec"], r["size"]): r for r in results}
-    sizes = args.sizes
-    lalic = [f"lalic:{b}" for b in args.backends]
-    # Per-stage LALIC tables
+
+
+STAGE_COLUMNS = ("analysis", "hyper", "entropy_parameters", "entropy_coding", "synthesis")
+"""LALIC's stages in the order of the table's columns (the codec's timing keys)."""
+
+
+def _stage_cell(timings: dict, stage: str) -> str:
+    """Median milliseconds of one stage, or "-" where the direction has no such stage."""
+    return f"{stats(timings[stage])[0]:.0f}" if stage in timings else "-"
+
+
+def _stage_tables(by_key: Results, sizes: list[str], lalic: list[str]) -> list[str]:
+    """Per size, LALIC's stage times for every backend, encode and decode."""
+    lines: list[str] = []
     for size in sizes:
         lines += [
             f"## LALIC stages at {size}",
@@ -384,18 +413,13 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
                 continue
             for direction in ("encode", "decode"):
                 st = r[direction]
-                cell = lambda k, st=st: f"{stats(st[k])[0]:.0f}" if k in st else "-"  # noqa: E731
                 med, p90 = stats(st["total"])
                 lines.append(
                     fmt_row(
                         [
                             name[6:],
                             direction,
-                            cell("analysis"),
-                            cell("hyper"),
-                            cell("entropy_parameters"),
-                            cell("entropy_coding"),
-                            cell("synthesis"),
+                            *(_stage_cell(st, stage) for stage in STAGE_COLUMNS),
                             f"**{med:.0f}** / {p90:.0f}",
                             f"{r['maxrss_mb']:.0f}",
                             f"{100 * r['other_load']:.0f} %",
@@ -403,8 +427,12 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
                     )
                 )
         lines.append("")
-    # Peers side by side
-    lines += [
+    return lines
+
+
+def _side_by_side(by_key: Results, sizes: list[str], names: list[str]) -> list[str]:
+    """Every codec's total times, bytes and ratios to LALIC on torch, size by size."""
+    lines = [
         "## Side by side (total ms, median; ratio = peer time / LALIC torch time)",
         "",
         fmt_row(
@@ -425,7 +453,7 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
     for size in sizes:
         ref = by_key.get(("lalic:torch", size))
         ref_ok = ref is not None and "error" not in ref
-        for name in lalic + args.peers:
+        for name in names:
             r = by_key.get((name, size))
             if r is None:
                 continue
@@ -454,8 +482,12 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
                 )
             )
     lines.append("")
-    # Scaling with pixels
-    lines += [
+    return lines
+
+
+def _scaling_table(by_key: Results, sizes: list[str], names: list[str]) -> list[str]:
+    """Time per megapixel at the largest size and the exponent of time against pixels."""
+    lines = [
         "## Time per megapixel and scaling exponent",
         "",
         "Exponent b of time = a * pixels^b fitted over the sizes measured (1.0 = linear).",
@@ -471,7 +503,7 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
         ),
         fmt_row(["---"] * 5),
     ]
-    for name in lalic + args.peers:
+    for name in names:
         pts = [
             (px(size), by_key[(name, size)])
             for size in sizes
@@ -491,20 +523,18 @@ def write_report(results: list[dict], args: argparse.Namespace, meta: dict, out:
                 row.append("-")
         lines.append(fmt_row(row))
     lines.append("")
-    loads = [r["other_load"] for r in results if "other_load" in r]
+    return lines
+
+
+def _quietness(loads: list[float]) -> str:
+    """How many runs had at most 5 % of the machine taken by other processes."""
     noisy = [x for x in loads if x > 0.05]
-    lines.append(
-        f"Quietness: {len(loads) - len(noisy)} of {len(loads)} runs had other load <= 5 %"
-        + (
-            f"; other load ranged {100 * min(loads):.0f}-{100 * max(loads):.0f} % "
-            f"(median {100 * statistics.median(loads):.0f} %)."
-            if loads
-            else "."
-        )
+    return f"Quietness: {len(loads) - len(noisy)} of {len(loads)} runs had other load <= 5 %" + (
+        f"; other load ranged {100 * min(loads):.0f}-{100 * max(loads):.0f} % "
+        f"(median {100 * statistics.median(loads):.0f} %)."
+        if loads
+        else "."
     )
-    if meta.get("skipped"):
-        lines += ["", "Skipped: " + "; ".join(meta["skipped"]) + "."]
-    (out / "codec.md").write_text("\n".join(lines) + "\n")
 
 
 def px(size: str) -> int:

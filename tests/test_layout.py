@@ -99,6 +99,7 @@ def test_every_module_imports_alone() -> None:
         "    __import__(name)\n"
         "print(len(names))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout) == len(module_names())
