@@ -45,6 +45,16 @@ def interpolated_gain(table: Tensor, quality: Tensor) -> Tensor:
 
 
 class LALIC(nn.Module):
+    """The whole network of Fig. 2: g_a and g_s (Bi-RWKV transforms, Sec. 3.2), the hyperprior h_a and
+    h_s with a factorised prior on z (Ballé et al. 2018), and the RWKV spatial-channel context model
+    (RWKV-SCCTX, Sec. 3.3) that predicts the Gaussian parameters of y slice by slice.
+
+    ``forward`` is the training path (reconstruction and likelihoods); :class:`model.codec.Codec`
+    codes real bitstreams through the same modules, as the stages of :mod:`model.stages`. With a
+    variable-rate configuration, ``log_gain`` and ``log_inverse_gain`` hold one gain vector per
+    quality level (Cui et al., CVPR 2021).
+    """
+
     def __init__(self, config: LalicConfig) -> None:
         super().__init__()
         self.config = config
