@@ -47,7 +47,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -56,7 +56,9 @@ __all__ = [
     "MAGIC",
     "ORIENTATIONS",
     "BitstreamError",
+    "Container",
     "Header",
+    "PixelLimitError",
     "pack",
     "read_header",
     "reoriented",
@@ -194,12 +196,26 @@ def _check_tiling(value: Any) -> tuple[int, int, int]:
     return th, tw, overlap
 
 
+class PixelLimitError(BitstreamError):
+    """A well-formed header whose image has more pixels than the limit (the service answers 413)."""
+
+    def __init__(self, header: Header, max_pixels: int) -> None:
+        super().__init__(f"image has {header.pixels} elements, above the limit of {max_pixels}")
+        self.header = header
+        self.max_pixels = max_pixels
+
+
+class Container(NamedTuple):
+    """A parsed container: its header and its coded streams (what :func:`unpack` returns)."""
+
+    header: Header
+    streams: list[bytes]
+
+
 def _check_limits(header: Header, max_pixels: int) -> None:
-    for name, count in (
-        ("image", header.pixels),
-        ("y latent", math.prod(header.y_shape)),
-        ("z latent", math.prod(header.z_shape)),
-    ):
+    if header.pixels > max_pixels:
+        raise PixelLimitError(header, max_pixels)
+    for name, count in (("y latent", math.prod(header.y_shape)), ("z latent", math.prod(header.z_shape))):
         if count > max_pixels:
             raise BitstreamError(f"{name} has {count} elements, above the limit of {max_pixels}")
 
@@ -318,7 +334,7 @@ def read_header(
 
 def unpack(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_streams: int = DEFAULT_MAX_STREAMS
-) -> tuple[Header, list[bytes]]:
+) -> Container:
     """Parse a whole container strictly: header, stream lengths, payload size and both CRCs.
 
     Args:
@@ -327,6 +343,7 @@ def unpack(
         max_streams: limit on the number of streams.
 
     Raises:
+        PixelLimitError: a well-formed header declares an image above ``max_pixels``.
         BitstreamError: anything malformed, truncated, trailing, oversized or inconsistent.
     """
     header, lengths, payload_crc, pos = _parse_header(data, max_pixels, max_streams)
@@ -343,7 +360,7 @@ def unpack(
         pos += length
     if _crc_chunks(views) != payload_crc:
         raise BitstreamError("payload CRC mismatch (corrupted streams)")
-    return header, [bytes(v) for v in views]
+    return Container(header, [bytes(v) for v in views])
 
 
 def reoriented(data: bytes, orientation: int) -> bytes:

@@ -16,7 +16,9 @@ from model.bitstream import (
     FORMAT_VERSION,
     MAGIC,
     BitstreamError,
+    Container,
     Header,
+    PixelLimitError,
     pack,
     read_header,
     reoriented,
@@ -299,8 +301,26 @@ def test_pixel_and_stream_limits() -> None:
     with pytest.raises(BitstreamError, match="image"):
         unpack(pack(big, []))
     fat_latent = dataclasses.replace(HEADER, y_shape=(4096, 2000, 2000))
-    with pytest.raises(BitstreamError, match="y latent"):
+    with pytest.raises(BitstreamError, match="y latent") as latent:
         unpack(pack(fat_latent, []))
+    assert not isinstance(latent.value, PixelLimitError)
+
+
+def test_an_image_over_the_pixel_limit_carries_its_header() -> None:
+    """The one limit a client can fix by sending a smaller image: the service answers 413 from the
+    header this error carries, without parsing the stream a second time."""
+    for parse in (unpack, read_header):
+        with pytest.raises(PixelLimitError, match="image has 166500 elements") as error:
+            parse(VALID, max_pixels=166_499)
+        assert error.value.header == HEADER and error.value.max_pixels == 166_499
+    assert read_header(VALID, max_pixels=215_040) == HEADER  # the y latent (320x32x21) is the larger
+
+
+def test_unpack_returns_a_container() -> None:
+    container = unpack(VALID)
+    assert isinstance(container, Container)
+    assert container.header == HEADER and container == (HEADER, container.streams)
+    assert pack(*container) == VALID
 
 
 def test_huge_declared_sizes_rejected_quickly() -> None:
