@@ -85,12 +85,11 @@ def seeds(codec: Codec) -> Iterator[tuple[str, bytes]]:
 
 
 def make_codec() -> Codec:
-    """The codec the decoder target uses (the shipped weights, eager torch, one thread)."""
-    import torch
-
+    """The codec the decoder target uses and the seeds come from: the shipped weights, eager torch,
+    one thread on the entropy path. Callers that want one thread overall set it themselves
+    (:func:`main` does): this leaves the process's thread count as it is."""
     from model.codec import Codec
 
-    torch.set_num_threads(1)
     return Codec.from_pretrained(device="cpu", backend="torch", entropy_threads=1)
 
 
@@ -149,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=CORPUS_DIR, help="corpus folder (default: fuzz/corpus)")
     parser.add_argument("--check", action="store_true", help="only check that the corpus is up to date")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)  # as the decoder target runs
     codec = make_codec()
     wanted = dict(seeds(codec))
     if args.check:

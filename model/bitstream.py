@@ -46,7 +46,7 @@ import operator
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -61,7 +61,6 @@ __all__ = [
     "PixelLimitError",
     "pack",
     "read_header",
-    "reoriented",
     "symbols_crc32",
     "unpack",
 ]
@@ -361,18 +360,6 @@ def unpack(
     if _crc_chunks(views) != payload_crc:
         raise BitstreamError("payload CRC mismatch (corrupted streams)")
     return Container(header, [bytes(v) for v in views])
-
-
-def reoriented(data: bytes, orientation: int) -> bytes:
-    """The container ``data`` with its header's orientation set to ``orientation`` (streams and
-    every other field unchanged; the CRCs are recomputed).
-
-    Raises:
-        BitstreamError: ``data`` is not a valid container, or the orientation is not one of
-            :data:`ORIENTATIONS`.
-    """
-    header, streams = unpack(data, max_pixels=_U32_MAX, max_streams=MAX_STREAMS)
-    return pack(replace(header, orientation=orientation), streams)
 
 
 def symbols_crc32(arrays: Iterable[np.ndarray]) -> int:

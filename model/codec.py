@@ -51,7 +51,7 @@ import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -59,12 +59,14 @@ import torch.nn.functional as F
 
 from model.backends import check_backend, load_stages
 from model.bitstream import (
+    DEFAULT_MAX_PIXELS,
     ORIENTATIONS,
     BitstreamError,
+    Container,
     Header,
+    PixelLimitError,
     pack,
     read_header,
-    reoriented,
     symbols_crc32,
     unpack,
 )
@@ -78,6 +80,10 @@ from model.tiling import compress_tiled, decompress_tiled, needs_tiling
 
 ENTROPY_THREADS = 2
 """Default torch threads of the entropy-parameter path (see the module docstring)."""
+
+
+class ModelMismatchError(BitstreamError):
+    """A well-formed stream made by another model or by other weights than this codec's."""
 
 
 def state_digest(net: torch.nn.Module) -> bytes:
@@ -194,8 +200,22 @@ class Codec:
     def padded_shape(height: int, width: int) -> tuple[int, int]:
         return padded_size(height, width)
 
-    def read_header(self, data: bytes, max_pixels: int = 100_000_000) -> Header:
+    def read_header(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
         return read_header(data, max_pixels=max_pixels)
+
+    def parse(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Container:
+        """Unpack a container once (header, both CRCs) and check that this codec decodes it: the
+        parsed form :meth:`decompress_batch` takes, so a caller that inspects the header first
+        (the service) never parses the bytes twice.
+
+        Raises:
+            PixelLimitError: the image has more than ``max_pixels`` pixels.
+            ModelMismatchError: another model or other weights made the stream.
+            BitstreamError: anything else wrong with the stream.
+        """
+        container = unpack(bytes(data), max_pixels=max_pixels)
+        self._check_container(container)
+        return container
 
     def _check_quality(self, quality: float) -> float:
         q = float(quality)
@@ -255,7 +275,7 @@ class Codec:
             return [
                 self._compress_best_orientation(img, q, timings, refine_steps, orientations) for img in images
             ]
-        return self._compress_upright(images, q, timings, refine_steps)
+        return [pack(*container) for container in self._compress_upright(images, q, timings, refine_steps)]
 
     def _compress_best_orientation(
         self,
@@ -268,13 +288,15 @@ class Codec:
         """The cheapest of the image's streams in ``orientations``, by the training loss
         ``bpp + lambda * 255^2 * MSE`` measured on each candidate's real decode."""
         lmbda = lambda_for_quality(self.net.config.lambdas, quality)
-        pixels = image.shape[0] * image.shape[1]
         best: tuple[float, bytes] | None = None
         for orientation in orientations:
-            stream = self._compress_upright([flip(image, orientation)], quality, timings, refine_steps)[0]
-            if orientation:
-                stream = reoriented(stream, orientation)
-            decoded = self.decompress_batch([stream], max_pixels=max(pixels, 100_000_000))[0]
+            flipped = flip(image, orientation)
+            header, streams = self._compress_upright([flipped], quality, timings, refine_steps)[0]
+            candidate = Container(replace(header, orientation=orientation), streams)
+            stream = pack(*candidate)
+            decoded = self._decompress_containers([candidate], None, max(header.pixels, DEFAULT_MAX_PIXELS))[
+                0
+            ]
             # the training loss: lambda * 255^2 * MSE on [0, 1] pixels is lambda * MSE in 8-bit levels
             cost = bits_per_pixel(len(stream), *image.shape[:2]) + lmbda * mse(decoded, image)
             if best is None or cost < best[0]:
@@ -287,7 +309,7 @@ class Codec:
         q: float,
         timings: dict[str, float] | None,
         refine_steps: int,
-    ) -> list[bytes]:
+    ) -> list[Container]:
         """The images coded as they are (orientation 0); arguments already checked."""
         if any(needs_tiling(*img.shape[:2]) for img in images):  # large images: tile by tile
             return [self._compress_large(img, q, timings, refine_steps) for img in images]
@@ -329,7 +351,7 @@ class Codec:
                     z_shape=tuple(z.shape[1:]),
                     symbol_crc32=symbols_crc32(arrays),
                 )
-                out.append(pack(header, streams))
+                out.append(Container(header, streams))
         return out
 
     def _refine(
@@ -405,18 +427,23 @@ class Codec:
 
     # Decompression -------------------------------------------------------------------------
     def _check_origin(self, header: Header) -> None:
-        """Refuse streams made by another model or other weights."""
+        """Refuse streams made by another model or other weights (:class:`ModelMismatchError`)."""
         if header.model_id != self.model_id or header.weights_digest != self.digest:
-            raise BitstreamError(
+            raise ModelMismatchError(
                 f"stream was made by {header.model_id}@{header.weights_digest.hex()}, "
                 f"this codec is {self.model_id}@{self.weights_digest}"
             )
 
-    def _parse(self, data: bytes, max_pixels: int) -> tuple[Header, list[bytes]]:
-        header, streams = unpack(data, max_pixels=max_pixels)
-        c = self.net.config
+    def _check_container(self, container: Container) -> None:
+        """What this codec needs of a parsed stream: its own weights, a quality it serves, and, for
+        a whole image, the latent shapes of its size and one coded stream (tiles are checked one
+        by one when they are decoded)."""
+        header, streams = container
         self._check_origin(header)
         self._check_quality(header.quality)
+        if header.tiling != (0, 0, 0):
+            return
+        c = self.net.config
         hp, wp = padded_size(header.height, header.width)
         want_y = (c.latent, hp // 16, wp // 16)
         want_z = (c.hyper_latent, hp // 64, wp // 64)
@@ -425,59 +452,84 @@ class Codec:
                 f"latent shapes {header.y_shape}/{header.z_shape} do not match a "
                 f"{header.height}x{header.width} image ({want_y}/{want_z})"
             )
-        if header.tiling != (0, 0, 0):
-            raise BitstreamError(f"tiled streams are not supported by this decoder: {header.tiling}")
         if len(streams) != 1:
             raise BitstreamError(f"expected 1 coded stream, got {len(streams)}")
-        return header, streams
+
+    def _as_container(self, item: bytes | Container, max_pixels: int) -> Container:
+        """A stream as a checked container: bytes are parsed, a parsed one is taken as it is."""
+        if not isinstance(item, Container):
+            return self.parse(item, max_pixels)
+        if item.header.pixels > max_pixels:
+            raise PixelLimitError(item.header, max_pixels)
+        self._check_container(item)
+        return item
 
     @torch.inference_mode()
     def decompress_batch(
         self,
-        streams: list[bytes],
+        streams: Sequence[bytes | Container],
         timings: dict[str, float] | None = None,
-        max_pixels: int = 100_000_000,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> list[np.ndarray]:
-        """Decode streams of one padded shape and quality; raises BitstreamError on any fault."""
-        if not streams:
+        """Decode streams of one padded shape and quality; raises BitstreamError on any fault.
+
+        Each item is the container's bytes or the :class:`~model.bitstream.Container` that
+        :meth:`parse` returned (then it is not parsed again).
+        """
+        containers = [self._as_container(s, max_pixels) for s in streams]
+        return self._decompress_containers(containers, timings, max_pixels)
+
+    def _decompress_containers(
+        self, containers: list[Container], timings: dict[str, float] | None, max_pixels: int
+    ) -> list[np.ndarray]:
+        """Decode checked containers (tiled ones tile by tile, each tile within ``max_pixels``)."""
+        if not containers:
             return []
-        tiled = [unpack(bytes(d), max_pixels=max_pixels) for d in streams]
-        if any(h.tiling != (0, 0, 0) for h, _ in tiled):
-            return [self._decompress_large(h, parts, timings, max_pixels) for h, parts in tiled]
-        parsed = [self._parse(bytes(d), max_pixels) for d in streams]
-        keys = {(padded_size(h.height, h.width), h.quality) for h, _ in parsed}
+        if any(c.header.tiling != (0, 0, 0) for c in containers):
+            return [self._decompress_large(container, timings, max_pixels) for container in containers]
+        keys = {(padded_size(h.height, h.width), h.quality) for h, _ in containers}
         if len(keys) != 1:
             raise ValueError("streams in one batch must share padded shape and quality")
         timer = _Timer(timings)
-        y_hats = [self._decode_latents(header, parts, timings)[0] for header, parts in parsed]
+        y_hats = [self._decode_latents(header, parts, timings)[0] for header, parts in containers]
         with timer("synthesis"):  # per image, so a batch decodes exactly like its members alone
             images = []
-            for y_hat, (h, _) in zip(y_hats, parsed, strict=True):
+            for y_hat, (h, _) in zip(y_hats, containers, strict=True):
                 x_hat = self.reconstruct(y_hat, h.quality)
                 pixels = x_hat.mul_(255).round_().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
                 images.append(np.ascontiguousarray(flip(pixels[: h.height, : h.width], h.orientation)))
         return images
 
-    def _compress_large(self, image: np.ndarray, quality: float, timings, refine_steps: int = 0) -> bytes:
-        def code(tile: np.ndarray, q: float) -> bytes:
-            return self.compress_batch([tile], q, timings, refine_steps=refine_steps)[0]
+    def _compress_large(self, image: np.ndarray, quality: float, timings, refine_steps: int = 0) -> Container:
+        """A whole image's container, or a tiled one for images above the tiling threshold."""
+
+        def code(tile: np.ndarray, q: float) -> Container:
+            return self._compress_upright([tile], q, timings, refine_steps)[0]
 
         if needs_tiling(*image.shape[:2]):
-            return compress_tiled(image, quality, code, self.read_header)
+            return compress_tiled(image, quality, code)
         return code(image, quality)
 
-    def _decompress_large(self, header: Header, parts: list[bytes], timings, max_pixels: int) -> np.ndarray:
+    def _decompress_large(self, container: Container, timings, max_pixels: int) -> np.ndarray:
+        """One tiled (or whole) image: each tile parsed once and checked against the outer header."""
+        header, parts = container
         if header.tiling == (0, 0, 0):
-            return self.decompress_batch([pack(header, parts)], timings, max_pixels)[0]
-        self._check_origin(header)
-        decode = lambda tile: self.decompress_batch([tile], timings, max_pixels)[0]  # noqa: E731
-        image = decompress_tiled(header, parts, decode, lambda d: read_header(d, max_pixels=max_pixels))
+            return self._decompress_containers([container], timings, max_pixels)[0]
+
+        def decode(tile: Container) -> np.ndarray:
+            self._check_container(tile)
+            return self._decompress_containers([tile], timings, max_pixels)[0]
+
+        image = decompress_tiled(header, parts, decode, lambda d: unpack(d, max_pixels=max_pixels))
         return flip(image, header.orientation)
 
     @torch.inference_mode()
-    def decode_latents(self, data: bytes, max_pixels: int = 100_000_000) -> tuple[torch.Tensor, list]:
-        """y_hat and the decoded symbol arrays (z first, then each pass) of one stream."""
-        return self._decode_latents(*self._parse(bytes(data), max_pixels), None)
+    def decode_latents(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, list]:
+        """y_hat and the decoded symbol arrays (z first, then each pass) of one whole-image stream."""
+        container = self.parse(data, max_pixels)
+        if container.header.tiling != (0, 0, 0):
+            raise BitstreamError(f"tiled streams have no single latent: {container.header.tiling}")
+        return self._decode_latents(*container, None)
 
     def _decode_latents(self, header: Header, parts: list[bytes], timings) -> tuple[torch.Tensor, list]:
         med = self.net.entropy_bottleneck.medians().view(-1, 1, 1)

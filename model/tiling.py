@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from model.bitstream import BitstreamError, Header, pack
+from model.bitstream import BitstreamError, Container, Header, pack
 
 TILE = 2048
 """Largest tile side in pixels."""
@@ -54,19 +54,18 @@ def needs_tiling(height: int, width: int) -> bool:
 def compress_tiled(
     image: np.ndarray,
     quality: float,
-    compress: Callable[[np.ndarray, float], bytes],
-    read_header: Callable[[bytes], Header],
+    compress: Callable[[np.ndarray, float], Container],
     tile: int = TILE,
-) -> bytes:
+) -> Container:
     """Code ``image`` tile by tile with ``compress`` and wrap the tiles' streams in one container."""
     h, w = image.shape[:2]
     tile_h, tile_w = tile_grid(h, w, tile)
-    streams = [
+    coded = [
         compress(np.ascontiguousarray(image[top:bottom, left:right]), quality)
         for top, left, bottom, right in tiles(h, w, tile_h, tile_w)
     ]
-    first = read_header(streams[0])
-    crcs = b"".join(read_header(s).symbol_crc32.to_bytes(4, "little") for s in streams)
+    first = coded[0].header
+    crcs = b"".join(c.header.symbol_crc32.to_bytes(4, "little") for c in coded)
     header = Header(
         model_id=first.model_id,
         weights_digest=first.weights_digest,
@@ -78,28 +77,30 @@ def compress_tiled(
         tiling=(tile_h, tile_w, 0),
         symbol_crc32=zlib.crc32(crcs),
     )
-    return pack(header, streams)
+    return Container(header, [pack(*c) for c in coded])
 
 
 def decompress_tiled(
     header: Header,
     streams: list[bytes],
-    decompress: Callable[[bytes], np.ndarray],
-    read_header: Callable[[bytes], Header],
+    decompress: Callable[[Container], np.ndarray],
+    unpack: Callable[[bytes], Container],
 ) -> np.ndarray:
-    """Decode every tile and place it; any inconsistency raises :class:`BitstreamError`."""
+    """Decode every tile (each parsed once with ``unpack``) and place it; any inconsistency raises
+    :class:`BitstreamError`."""
     tile_h, tile_w, overlap = header.tiling
     if overlap != 0 or tile_h % 64 or tile_w % 64:
         raise BitstreamError(f"unsupported tiling {header.tiling}")
     boxes = tiles(header.height, header.width, tile_h, tile_w)
     if len(streams) != len(boxes):
         raise BitstreamError(f"tiling {header.tiling} needs {len(boxes)} tiles, got {len(streams)}")
-    inner = [read_header(s) for s in streams]
-    crcs = b"".join(h.symbol_crc32.to_bytes(4, "little") for h in inner)
+    inner = [unpack(s) for s in streams]
+    crcs = b"".join(c.header.symbol_crc32.to_bytes(4, "little") for c in inner)
     if zlib.crc32(crcs) != header.symbol_crc32:
         raise BitstreamError("tile checksums do not match the container's")
     out = np.empty((header.height, header.width, 3), dtype=np.uint8)
-    for (top, left, bottom, right), h, s in zip(boxes, inner, streams, strict=True):
+    for (top, left, bottom, right), tile in zip(boxes, inner, strict=True):
+        h = tile.header
         same_model = (h.model_id, h.weights_digest, h.quality) == (
             header.model_id,
             header.weights_digest,
@@ -107,5 +108,5 @@ def decompress_tiled(
         )
         if not same_model or (h.height, h.width) != (bottom - top, right - left) or h.tiling != (0, 0, 0):
             raise BitstreamError(f"tile at ({top}, {left}) does not belong to this image")
-        out[top:bottom, left:right] = decompress(s)
+        out[top:bottom, left:right] = decompress(tile)
     return out

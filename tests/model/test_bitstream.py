@@ -21,7 +21,6 @@ from model.bitstream import (
     PixelLimitError,
     pack,
     read_header,
-    reoriented,
     symbols_crc32,
     unpack,
 )
@@ -251,15 +250,9 @@ def test_orientation_lives_in_the_flags_byte() -> None:
         assert data == edited(5, "<B", orientation)  # only the flags byte and the CRCs differ
         header, streams = unpack(data)
         assert header == dataclasses.replace(HEADER, orientation=orientation) and streams == STREAMS
-        assert reoriented(data, orientation) == data
-        assert reoriented(data, 0) == VALID
     for bad in (-1, 4, 1.0, True, None):
         with pytest.raises(BitstreamError, match="orientation"):
             dataclasses.replace(HEADER, orientation=bad)
-        with pytest.raises(BitstreamError, match="orientation"):
-            reoriented(VALID, bad)  # type: ignore[arg-type]
-    with pytest.raises(BitstreamError, match="CRC"):
-        reoriented(VALID[:-1] + b"?", 1)
 
 
 def test_non_bytes_input() -> None:
