@@ -31,6 +31,13 @@ Intel Xeon (Sapphire Rapids), where 1 of 147 456 decoded values differed by one 
 encoder and decoder should keep the same ``entropy_threads``. g_a and g_s run with the caller's
 threads: measured here, 1 vs 2 threads gave identical streams, and decoded images that differ by
 at most one 8-bit level at a few pixels (g_s reductions split by thread).
+
+Checkpoints: ``compress_batch`` and ``decompress_batch`` take ``checkpoint``, a callable run between
+stages (before each image's analysis, entropy parameters and synthesis, and before hyper-analysis),
+and so between the tiles of a large image; it may raise (any exception) to abandon the call, e.g.
+when a deadline passed, or run other work in the meantime (the service interleaves small requests).
+It is called outside every stage and timer: it changes neither the results nor the stage timings.
+
 Backends (``backend=``, :mod:`model.backends`): ``"torch"`` (eager), ``"torchscript"`` (scripted
 and frozen stages) and ``"onnxruntime"`` (every stage exported to ONNX, cached per weights and
 code version, or loaded from ``export_dir``). Only the networks change; entropy coding and the
@@ -49,7 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -84,6 +91,14 @@ ENTROPY_THREADS = 2
 
 class ModelMismatchError(BitstreamError):
     """A well-formed stream made by another model or by other weights than this codec's."""
+
+
+Checkpoint = Callable[[], None]
+"""Called between stages and tiles; raising abandons the codec call (see the module docstring)."""
+
+
+def _no_checkpoint() -> None:
+    """The default checkpoint: nothing to check."""
 
 
 def state_digest(net: torch.nn.Module) -> bytes:
@@ -251,6 +266,7 @@ class Codec:
         timings: dict[str, float] | None = None,
         refine_steps: int = 0,
         orientations: Sequence[int] = (0,),
+        checkpoint: Checkpoint | None = None,
     ) -> list[bytes]:
         """Compress images that share a padded shape; identical output to one-by-one calls.
 
@@ -261,6 +277,8 @@ class Codec:
         ``orientations`` lists the flips to try (:data:`model.bitstream.ORIENTATIONS`); with more
         than one, each image is coded and decoded in every one of them and the stream of lowest
         ``bpp + lambda * MSE`` is kept (ties: the first listed).
+
+        ``checkpoint`` runs between stages and tiles; whatever it raises abandons the call.
         """
         q = self._check_quality(quality)
         if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
@@ -271,11 +289,13 @@ class Codec:
         for img in images:
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
                 raise ValueError(f"expected a uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
+        check = checkpoint or _no_checkpoint
         if orientations != (0,):
             return [
-                self._compress_best_orientation(img, q, timings, refine_steps, orientations) for img in images
+                self._compress_best_orientation(img, q, timings, refine_steps, orientations, check)
+                for img in images
             ]
-        return [pack(*container) for container in self._compress_upright(images, q, timings, refine_steps)]
+        return [pack(*c) for c in self._compress_upright(images, q, timings, refine_steps, check)]
 
     def _compress_best_orientation(
         self,
@@ -284,6 +304,7 @@ class Codec:
         timings: dict[str, float] | None,
         refine_steps: int,
         orientations: tuple[int, ...],
+        check: Checkpoint,
     ) -> bytes:
         """The cheapest of the image's streams in ``orientations``, by the training loss
         ``bpp + lambda * 255^2 * MSE`` measured on each candidate's real decode."""
@@ -291,12 +312,11 @@ class Codec:
         best: tuple[float, bytes] | None = None
         for orientation in orientations:
             flipped = flip(image, orientation)
-            header, streams = self._compress_upright([flipped], quality, timings, refine_steps)[0]
+            header, streams = self._compress_upright([flipped], quality, timings, refine_steps, check)[0]
             candidate = Container(replace(header, orientation=orientation), streams)
             stream = pack(*candidate)
-            decoded = self._decompress_containers([candidate], None, max(header.pixels, DEFAULT_MAX_PIXELS))[
-                0
-            ]
+            limit = max(header.pixels, DEFAULT_MAX_PIXELS)
+            decoded = self._decompress_containers([candidate], None, limit, check)[0]
             # the training loss: lambda * 255^2 * MSE on [0, 1] pixels is lambda * MSE in 8-bit levels
             cost = bits_per_pixel(len(stream), *image.shape[:2]) + lmbda * mse(decoded, image)
             if best is None or cost < best[0]:
@@ -309,10 +329,11 @@ class Codec:
         q: float,
         timings: dict[str, float] | None,
         refine_steps: int,
+        check: Checkpoint = _no_checkpoint,
     ) -> list[Container]:
         """The images coded as they are (orientation 0); arguments already checked."""
         if any(needs_tiling(*img.shape[:2]) for img in images):  # large images: tile by tile
-            return [self._compress_large(img, q, timings, refine_steps) for img in images]
+            return [self._compress_large(img, q, timings, refine_steps, check) for img in images]
         shapes = {padded_size(*img.shape[:2]) for img in images}
         if len(shapes) != 1:
             raise ValueError(f"images in one batch must share a padded shape, got {sorted(shapes)}")
@@ -322,9 +343,15 @@ class Codec:
         # Every stage runs one image at a time: oneDNN and BLAS pick kernels by batch size, and a
         # last-bit difference in y would flip a rounded symbol. A batch's streams are therefore
         # exactly the streams of its images coded alone.
-        with timer("analysis"):
-            xs = [self._to_tensor([img]) for img in images]
-            y = torch.cat([self._stages.analysis(x, qt[:1]) for x in xs])
+        xs, ys = [], []
+        for img in images:
+            check()
+            with timer("analysis"):
+                xs.append(self._to_tensor([img]))
+                ys.append(self._stages.analysis(xs[-1], qt[:1]))
+        y = torch.cat(ys)
+        del ys
+        check()
         with timer("hyper"):
             z = torch.cat([self._stages.hyper_analysis(y[i : i + 1]) for i in range(len(images))])
         if refine_steps:
@@ -337,6 +364,7 @@ class Codec:
             z_hat = z_sym.float() + med
         out = []
         for i, img in enumerate(images):
+            check()
             with timer("entropy_parameters"):
                 _, passes = self._entropy_parameters(z_hat[i : i + 1], y[i : i + 1])
             with timer("entropy_coding"):
@@ -470,55 +498,69 @@ class Codec:
         streams: Sequence[bytes | Container],
         timings: dict[str, float] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        checkpoint: Checkpoint | None = None,
     ) -> list[np.ndarray]:
         """Decode streams of one padded shape and quality; raises BitstreamError on any fault.
 
         Each item is the container's bytes or the :class:`~model.bitstream.Container` that
-        :meth:`parse` returned (then it is not parsed again).
+        :meth:`parse` returned (then it is not parsed again). ``checkpoint`` runs between stages
+        and tiles; whatever it raises abandons the call.
         """
         containers = [self._as_container(s, max_pixels) for s in streams]
-        return self._decompress_containers(containers, timings, max_pixels)
+        return self._decompress_containers(containers, timings, max_pixels, checkpoint or _no_checkpoint)
 
     def _decompress_containers(
-        self, containers: list[Container], timings: dict[str, float] | None, max_pixels: int
+        self,
+        containers: list[Container],
+        timings: dict[str, float] | None,
+        max_pixels: int,
+        check: Checkpoint = _no_checkpoint,
     ) -> list[np.ndarray]:
         """Decode checked containers (tiled ones tile by tile, each tile within ``max_pixels``)."""
         if not containers:
             return []
         if any(c.header.tiling != (0, 0, 0) for c in containers):
-            return [self._decompress_large(container, timings, max_pixels) for container in containers]
+            return [self._decompress_large(c, timings, max_pixels, check) for c in containers]
         keys = {(padded_size(h.height, h.width), h.quality) for h, _ in containers}
         if len(keys) != 1:
             raise ValueError("streams in one batch must share padded shape and quality")
         timer = _Timer(timings)
-        y_hats = [self._decode_latents(header, parts, timings)[0] for header, parts in containers]
-        with timer("synthesis"):  # per image, so a batch decodes exactly like its members alone
-            images = []
-            for y_hat, (h, _) in zip(y_hats, containers, strict=True):
+        y_hats = []
+        for header, parts in containers:
+            check()
+            y_hats.append(self._decode_latents(header, parts, timings)[0])
+        images = []
+        for y_hat, (h, _) in zip(y_hats, containers, strict=True):
+            check()
+            with timer("synthesis"):  # per image, so a batch decodes exactly like its members alone
                 x_hat = self.reconstruct(y_hat, h.quality)
                 pixels = x_hat.mul_(255).round_().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
                 images.append(np.ascontiguousarray(flip(pixels[: h.height, : h.width], h.orientation)))
         return images
 
-    def _compress_large(self, image: np.ndarray, quality: float, timings, refine_steps: int = 0) -> Container:
+    def _compress_large(
+        self, image: np.ndarray, quality: float, timings, refine_steps: int = 0, check=_no_checkpoint
+    ) -> Container:
         """A whole image's container, or a tiled one for images above the tiling threshold."""
 
         def code(tile: np.ndarray, q: float) -> Container:
-            return self._compress_upright([tile], q, timings, refine_steps)[0]
+            return self._compress_upright([tile], q, timings, refine_steps, check)[0]
 
         if needs_tiling(*image.shape[:2]):
             return compress_tiled(image, quality, code)
         return code(image, quality)
 
-    def _decompress_large(self, container: Container, timings, max_pixels: int) -> np.ndarray:
+    def _decompress_large(
+        self, container: Container, timings, max_pixels: int, check: Checkpoint = _no_checkpoint
+    ) -> np.ndarray:
         """One tiled (or whole) image: each tile parsed once and checked against the outer header."""
         header, parts = container
         if header.tiling == (0, 0, 0):
-            return self._decompress_containers([container], timings, max_pixels)[0]
+            return self._decompress_containers([container], timings, max_pixels, check)[0]
 
         def decode(tile: Container) -> np.ndarray:
             self._check_container(tile)
-            return self._decompress_containers([tile], timings, max_pixels)[0]
+            return self._decompress_containers([tile], timings, max_pixels, check)[0]
 
         image = decompress_tiled(header, parts, decode, lambda d: unpack(d, max_pixels=max_pixels))
         return flip(image, header.orientation)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,50 @@ def test_inconsistent_tilings_are_rejected(codec: Codec, small_tiles: None) -> N
     for data in bad:
         with pytest.raises(BitstreamError):
             codec.decompress(data)
+
+
+class StopError(Exception):
+    """Raised by a test checkpoint."""
+
+
+def test_checkpoints_run_between_stages_and_tiles_and_abandon_the_call(
+    codec: Codec, small_tiles: None
+) -> None:
+    image = _image(200, 300)  # 2 x 3 tiles of at most 128 x 128
+    calls: list[int] = []
+
+    def count() -> None:
+        calls.append(len(calls))
+
+    stream = codec.compress_batch([image], 3.0, checkpoint=count)[0]
+    assert len(calls) == 6 * 3  # per tile: before analysis, hyper-analysis, entropy parameters
+    assert stream == codec.compress(image, 3.0)  # checkpoints change nothing
+    calls.clear()
+    decoded = codec.decompress_batch([stream], checkpoint=count)[0]
+    assert len(calls) == 6 * 2  # per tile: before entropy decoding, before synthesis
+    assert np.array_equal(decoded, codec.decompress(stream))
+
+    pair = [_image(64, 96), _image(64, 96)[::-1].copy()]  # untiled, one batch
+    calls.clear()
+    streams = codec.compress_batch(pair, 3.0, checkpoint=count)
+    assert len(calls) == 2 + 1 + 2  # analysis per image, hyper, entropy parameters per image
+    calls.clear()
+    codec.decompress_batch(streams, checkpoint=count)
+    assert len(calls) == 2 + 2
+
+    def stop_after(limit: int) -> Callable[[], None]:
+        def checkpoint() -> None:
+            count()
+            if len(calls) > limit:
+                raise StopError
+
+        return checkpoint
+
+    calls.clear()
+    with pytest.raises(StopError):
+        codec.compress_batch([image], 3.0, checkpoint=stop_after(3))
+    assert len(calls) == 4  # the first tile's three stages, then the second tile stopped at once
+    calls.clear()
+    with pytest.raises(StopError):
+        codec.decompress_batch([stream], checkpoint=stop_after(2))
+    assert len(calls) == 3
