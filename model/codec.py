@@ -15,22 +15,24 @@ streams the ordinary decoder reads (the format does not change).
 ``compress(..., orientations=(0, 1, 2, 3))`` codes the image in each of these flips (mirrored
 left-right, flipped top-bottom, both), decodes every candidate and keeps the one with the lowest
 rate-distortion cost ``bpp + lambda * MSE`` (the training loss, lambda of the quality); the
-header records the flip and the decoder turns the image back. The network codes some images
-better upside down than upright: on Kodak, the best of the four flips saves about 1 % BD-rate
-for four encodes and four decodes (BENCHMARKS.md).
+header records the flip and the decoder turns the image back: the network codes some images
+better upside down than upright.
+
+Containers are parsed once: :meth:`Codec.parse` unpacks the bytes (header and CRCs) and checks
+that this codec decodes them (its weights, a quality it serves, the latent shapes of the image),
+and :meth:`Codec.decompress_batch` takes that parsed :class:`~model.bitstream.Container` as well
+as bytes. The encoder builds containers and packs each stream once.
 
 Determinism: every stage runs one image at a time, so a bitstream, and the image decoded from
 it, do not depend on what else was in the batch (oneDNN and BLAS choose kernels by batch size,
 and a last-bit difference in y flips a rounded symbol). The entropy-parameter path (h_s onwards,
 which decides the coding distributions) is pinned to ``entropy_threads`` torch threads (default
-2), so the decoder's distributions do not depend on the caller's thread count either; 1 and 2
-entropy threads gave identical streams on our CPUs (the parameter networks are pointwise GEMMs,
-split by rows, not along their reductions; ``tests/model/test_codec.py``), and 2 decode a 768x512
-image about 60 ms faster on 2 cores. The means are bit-identical on the AMD EPYCs but not on an
-Intel Xeon (Sapphire Rapids), where 1 of 147 456 decoded values differed by one 8-bit level, so
-encoder and decoder should keep the same ``entropy_threads``. g_a and g_s run with the caller's
-threads: measured here, 1 vs 2 threads gave identical streams, and decoded images that differ by
-at most one 8-bit level at a few pixels (g_s reductions split by thread).
+2), so the decoder's distributions do not depend on the caller's thread count; encoder and decoder
+should keep the same ``entropy_threads``. g_a and g_s run with the caller's threads, which may
+move a decoded pixel by one 8-bit level (their reductions split by thread). The entropy path
+runs in float32, so a stream is only sure to decode on the kind of CPU and backend that coded it;
+elsewhere the symbol checksum refuses it rather than return a wrong image. BENCHMARKS.md
+("Determinism and backends") has what was measured.
 
 Checkpoints: ``compress_batch`` and ``decompress_batch`` take ``checkpoint``, a callable run between
 stages (before each image's analysis, entropy parameters and synthesis, and before hyper-analysis),
@@ -41,15 +43,9 @@ It is called outside every stage and timer: it changes neither the results nor t
 Backends (``backend=``, :mod:`model.backends`): ``"torch"`` (eager), ``"torchscript"`` (scripted
 and frozen stages) and ``"onnxruntime"`` (every stage exported to ONNX, cached per weights and
 code version, or loaded from ``export_dir``). Only the networks change; entropy coding and the
-coding loop are the same Python code for all three. Measured on one machine (lalic-s, images
-50x70 to 768x512, qualities 1 to 6; ``tests/model/test_backends.py``, BENCHMARKS.md):
-
-* torch <-> torchscript: bit-exact, streams and decoded pixels;
-* onnxruntime <-> torch or torchscript: not bit-exact. Streams were identical in 11 of 12 cases
-  and decoded to within one 8-bit level of the encoding backend's own reconstruction (g_s rounds
-  differently); in the 12th the entropy parameters differed and decoding raised
-  :class:`~model.bitstream.BitstreamError` (symbol checksum). A stream from another backend (or
-  machine) is decoded correctly or refused, never decoded silently wrong.
+coding loop are the same Python code for all three. torch and torchscript are bit-exact with
+each other; onnxruntime rounds differently, so its streams are decoded by the others correctly or
+refused (:class:`~model.bitstream.BitstreamError`), never decoded silently wrong.
 """
 
 from __future__ import annotations
