@@ -10,6 +10,7 @@ Examples::
     lalic serve --port 8000
     lalic eval --limit 4 --qualities 1 3 6
     lalic train --steps 20000
+    lalic import q1.pth q2.pth q3.pth q4.pth q5.pth q6.pth --qualities 1 2 3 4 5 6 --out lalic.pt
 
 The decoder picks nothing from flags: model and quality come from the bitstream's header (a
 stream made by other weights is refused with an error naming both).
@@ -144,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the REST service (uvicorn)")
     add_serve_arguments(p)
     p.set_defaults(func=run_serve)
+
+    from model.official import add_import_arguments, run_import
+
+    p = sub.add_parser("import", help="import the official LALIC checkpoints into one weight file")
+    add_import_arguments(p)
+    p.set_defaults(func=run_import)
 
     from model.export import add_export_arguments, run_export
 
