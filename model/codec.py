@@ -52,6 +52,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -75,6 +76,9 @@ from model.lalic import LALIC, PAD_MULTIPLE
 from model.metrics import bits_per_pixel, mse
 from model.refine import lambda_for_quality
 from model.tiling import compress_tiled, decompress_tiled, needs_tiling
+
+if TYPE_CHECKING:
+    from model.codecset import CodecSet
 
 ENTROPY_THREADS = 2
 """Default torch threads of the entropy-parameter path (see the module docstring)."""
@@ -180,11 +184,17 @@ class Codec:
         return cls(LALIC(get_config(config)), **kwargs)
 
     @classmethod
-    def from_pretrained(cls, weights: str | None = None, **kwargs) -> Codec:
-        """The shipped weights (``weights=None``) or a weight file written by ``lalic`` tools."""
-        from model.zoo import load_network
+    def from_pretrained(cls, weights: str | None = None, **kwargs) -> Codec | CodecSet:
+        """The shipped weights (``weights=None``) or a weight file written by ``lalic`` tools; a weight
+        set of per-quality networks (``lalic import``) gives a :class:`model.codecset.CodecSet`."""
+        from model.zoo import WeightSet, load_network
 
-        return cls(load_network(weights), **kwargs)
+        net = load_network(weights)
+        if isinstance(net, WeightSet):
+            from model.codecset import CodecSet
+
+            return CodecSet(net, **kwargs)
+        return cls(net, **kwargs)
 
     @property
     def weights_digest(self) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from model.cli import main as lalic
 from model.codec import Codec
+from model.codecset import CodecSet
 from model.configs import get_config
 from model.lalic import LALIC
 from model.official import convert, normalize, official_layout
@@ -322,3 +323,17 @@ def test_import_help_shows_an_example(capsys: pytest.CaptureFixture) -> None:
         lalic(["import", "--help"])
     text = capsys.readouterr().out
     assert "--qualities 1 2 3 4 5 6 --out lalic-official.pt" in text and "--lambdas" in text
+
+
+def test_an_imported_set_serves_its_qualities(imported: dict) -> None:
+    """From the official files to a running codec: each quality codes with its own network."""
+    codecs = Codec.from_pretrained(str(imported["out"]), lazy=True)
+    assert isinstance(codecs, CodecSet) and codecs.qualities == (1.0, 6.0) and codecs.loaded == ()
+    image = (np.random.default_rng(2).random((64, 64, 3)) * 255).astype(np.uint8)
+    data = codecs.compress(image, 6)
+    header = codecs.read_header(data)
+    assert (header.model_id, header.quality, codecs.loaded) == ("lalic-q6", 6.0, (6.0,))
+    assert header.weights_digest.hex() == codecs.codec(6).weights_digest
+    assert codecs.decompress(data).shape == image.shape
+    with pytest.raises(ValueError, match="quality 3.5 is not served"):
+        codecs.compress(image, 3.5)
