@@ -283,7 +283,7 @@ def convert(upstream: Mapping[str, Tensor], net: LALIC) -> dict[str, Tensor]:
     return state
 
 
-def normalize(checkpoint: object, name: str = "checkpoint") -> dict[str, Tensor]:
+def normalize(checkpoint: object, name: str = "the checkpoint") -> dict[str, Tensor]:
     """The state dict inside an official checkpoint: under ``state_dict`` or ``model_state_dict``, or
     the object itself; ``module.`` prefixes (data-parallel training) removed; the factorised prior's
     CompressAI >= 1.2.6 names (``_matrices.i``) read as the older ones (``matrices.i``)."""
@@ -308,12 +308,13 @@ def normalize(checkpoint: object, name: str = "checkpoint") -> dict[str, Tensor]
 
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The normalised state dict of an official checkpoint file (loaded with ``weights_only``, as the
-    official eval.py does)."""
+    official eval.py does); errors do not repeat the path (callers name the file)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {exc}") from None
-    return normalize(blob, str(path))
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"not a torch checkpoint readable with weights_only=True: {first}") from None
+    return normalize(blob)
 
 
 def storage(state: Mapping[str, Tensor]) -> str:
@@ -340,12 +341,16 @@ def import_checkpoints(
         raise ValueError(
             f"{len(paths)} checkpoint(s) but {len(qualities)} qualities: give one quality per file"
         )
-    if len(set(qualities)) != len(qualities) or any(not 1 <= q <= levels for q in qualities):
+    whole = all(isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= levels for q in qualities)
+    if len(set(qualities)) != len(qualities) or not whole:
         raise ValueError(f"qualities must be distinct integers in 1..{levels}, got {list(qualities)}")
     labels = list(labels) if labels is not None else [f"q{q}" for q in qualities]
     lambdas = list(lambdas) if lambdas is not None else [config.lambdas[q - 1] for q in qualities]
     if len(labels) != len(paths) or len(lambdas) != len(paths):
         raise ValueError("give one label and one lambda per checkpoint")
+    # the set's own checks (labels that make model ids), before minutes of reading checkpoints
+    empty = [WeightSetMember(float(q), label, 0.0, {}) for q, label in zip(qualities, labels, strict=True)]
+    WeightSet(config, tuple(empty), {})
     net = LALIC(config)
     learned = {k for k, _ in net.named_parameters()}
     members, sources = [], []

@@ -21,7 +21,7 @@ from model.codec import Codec
 from model.codecset import CodecSet
 from model.configs import get_config
 from model.lalic import LALIC
-from model.official import convert, normalize, official_layout
+from model.official import convert, import_checkpoints, normalize, official_layout
 from model.zoo import read_weight_set, read_weights, sha256_file
 from tests.model.official_checkpoint import official_shapes, synthetic_checkpoint
 
@@ -337,3 +337,20 @@ def test_an_imported_set_serves_its_qualities(imported: dict) -> None:
     assert codecs.decompress(data).shape == image.shape
     with pytest.raises(ValueError, match="quality 3.5 is not served"):
         codecs.compress(image, 3.5)
+
+
+def test_import_checks_its_arguments_before_reading(tmp_path: Path) -> None:
+    nowhere = tmp_path / "absent.pth"  # never opened: the arguments are refused first
+    with pytest.raises(ValueError, match=r"^qualities must be distinct integers in 1..6, got \[2.5\]$"):
+        import_checkpoints([nowhere], [2.5], tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=r"^qualities must be distinct integers in 1..6, got \[3, 3\]$"):
+        import_checkpoints([nowhere, nowhere], [3, 3], tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=r"^label 'q 1' must be letters, digits, '.', '_' or '-'"):
+        import_checkpoints([nowhere], [1], tmp_path / "w.pt", labels=["q 1"])
+    with pytest.raises(ValueError, match=r"^give one label and one lambda per checkpoint$"):
+        import_checkpoints([nowhere], [1], tmp_path / "w.pt", lambdas=[0.1, 0.2])
+    message = f"^{nowhere}: not a torch checkpoint readable with weights_only=True: Weights only load failed"
+    with pytest.raises(ValueError, match=message):
+        nowhere.write_bytes(b"not a checkpoint")
+        import_checkpoints([nowhere], [1], tmp_path / "w.pt")
+    assert not (tmp_path / "w.pt").exists()
