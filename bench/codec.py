@@ -5,6 +5,7 @@ Run from the repository root with the venv active, e.g.::
     python bench/codec.py                                   # everything (about 30-40 min on 2 cores)
     python bench/codec.py --sizes 768x512 --runs 5 --peers bmshj2018-hyperprior jpeg
     python bench/codec.py --pause ~/.cache/lalic/train.pid  # SIGSTOP a background job while timing
+    python bench/codec.py --config lalic --sizes 768x512 --backends torch --peers  # the paper's model
 
 Every (codec, size) pair runs in its own subprocess, so its peak resident memory
 (``getrusage(RUSAGE_CHILDREN).ru_maxrss``) is its own. Each subprocess warms up once, then times
@@ -119,13 +120,15 @@ def _timed(fn, runs: int) -> tuple[list[float], object]:
     return times, out
 
 
-def run_lalic(backend: str, image: np.ndarray, runs: int, quality: float, threads: int) -> dict:
+def run_lalic(
+    backend: str, image: np.ndarray, runs: int, quality: float, threads: int, config: str = "lalic-s"
+) -> dict:
     import torch
 
     from model.codec import Codec
 
     torch.set_num_threads(threads)
-    codec = Codec.random("lalic-s", seed=0, backend=backend)
+    codec = Codec.random(config, seed=0, backend=backend)
     data = codec.compress(image, quality)
     codec.decompress(data)
     enc: dict[str, list[float]] = {}
@@ -205,7 +208,9 @@ def worker(spec: dict) -> dict:
     image = test_image(w, h)
     name = spec["codec"]
     if name.startswith("lalic:"):
-        result = run_lalic(name.split(":", 1)[1], image, spec["runs"], spec["quality"], spec["threads"])
+        backend = name.split(":", 1)[1]
+        config = spec.get("config", "lalic-s")
+        result = run_lalic(backend, image, spec["runs"], spec["quality"], spec["threads"], config)
     elif name in ("bmshj2018-hyperprior", "mbt2018-mean", "cheng2020-anchor"):
         result = run_compressai(name, image, spec["runs"], spec["threads"])
     else:
@@ -360,7 +365,8 @@ def _report_settings(args: argparse.Namespace, meta: dict) -> list[str]:
         f"- Date: {meta['date']}",
         f"- Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; "
         f"versions: {', '.join(f'{k} {v}' for k, v in meta['machine']['versions'].items())}",
-        f"- LALIC: lalic-s, random weights (seed 0), quality {args.quality:g}, {args.threads} torch threads "
+        f"- LALIC: {getattr(args, 'config', 'lalic-s')}, random weights (seed 0), quality {args.quality:g}, "
+        f"{args.threads} torch threads "
         "(the entropy-parameter path runs on its own pinned thread count, model.codec.ENTROPY_THREADS)",
         f"- Runs: {args.runs} timed runs after one warm-up (sizes above 2 MP: {args.large_runs}; "
         f"cheng2020-anchor: {args.slow_runs}); images above 4.2 MP are coded as 2048-pixel tiles; "
@@ -582,6 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per codec and size (default 5)")
     parser.add_argument("--large-runs", type=int, default=2, help="timed runs above 2 megapixels (default 2)")
     parser.add_argument("--quality", type=float, default=3.0, help="LALIC quality (default 3)")
+    parser.add_argument(
+        "--config",
+        default="lalic-s",
+        help="LALIC configuration to time, random weights (default lalic-s; lalic: the paper's 65.6 M)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument(
         "--slow-max-pixels",
@@ -637,7 +648,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             n = args.slow_runs if name == "cheng2020-anchor" else runs
             jobs.append(
-                {"codec": name, "size": [w, h], "runs": n, "quality": args.quality, "threads": args.threads}
+                {
+                    "codec": name,
+                    "size": [w, h],
+                    "runs": n,
+                    "quality": args.quality,
+                    "threads": args.threads,
+                    "config": args.config,
+                }
             )
     results = []
     for spec in tqdm(jobs, desc="codec x size", unit="run"):

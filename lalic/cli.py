@@ -10,6 +10,7 @@ Examples::
     lalic serve --port 8000
     lalic eval --limit 4 --qualities 1 3 6
     lalic train --steps 20000
+    lalic import q1.pth q2.pth q3.pth q4.pth q5.pth q6.pth --qualities 1 2 3 4 5 6 --out lalic.pt
 
 Each package owns its subcommands (``model.cli.add_commands``, ``service.cli.add_commands``);
 this module only dispatches, so neither package imports the other's command line.

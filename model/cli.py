@@ -1,5 +1,5 @@
 """The model's subcommands of the ``lalic`` command line (:mod:`lalic.cli`): compress, decompress,
-info, train, eval and export.
+info, train, eval, import and export.
 
 The decoder picks nothing from flags: model and quality come from the bitstream's header (a
 stream made by other weights is refused with an error naming both).
@@ -20,12 +20,13 @@ from model.metrics import bits_per_pixel
 
 if TYPE_CHECKING:
     from model.codec import Codec
+    from model.codecset import CodecSet
 
 
-def _codec(args: argparse.Namespace) -> Codec:
-    from model.codec import Codec
+def _codec(args: argparse.Namespace) -> Codec | CodecSet:
+    from model.codecset import load_codec
 
-    return Codec.from_pretrained(args.weights, device=args.device)
+    return load_codec(args.weights, device=args.device)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -131,6 +132,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="rate-distortion evaluation with baselines, BD-rates and plots")
     add_eval_arguments(p)
     p.set_defaults(func=run_eval)
+
+    from model.official import add_import_arguments, run_import
+
+    p = sub.add_parser("import", help="import the official LALIC checkpoints into one weight file")
+    add_import_arguments(p)
+    p.set_defaults(func=run_import)
 
     p = sub.add_parser("export", help="export the networks to TorchScript / ONNX")
     add_export_arguments(p)

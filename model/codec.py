@@ -194,10 +194,19 @@ class Codec:
 
     @classmethod
     def from_pretrained(cls, weights: str | None = None, **kwargs) -> Codec:
-        """The shipped weights (``weights=None``) or a weight file written by ``lalic`` tools."""
-        from model.zoo import load_network
+        """The shipped weights (``weights=None``) or a weight file written by ``lalic`` tools.
 
-        return cls(load_network(weights), **kwargs)
+        A weight set of per-quality networks (``lalic import``) is refused here: it needs one codec
+        per quality, :func:`model.codecset.load_codec` (which takes either kind of file).
+        """
+        from model.zoo import WeightSet, load_network
+
+        net = load_network(weights)
+        if isinstance(net, WeightSet):
+            raise ValueError(
+                f"{weights} is a weight set (one network per quality): load it with model.codecset.load_codec"
+            )
+        return cls(net, **kwargs)
 
     @property
     def weights_digest(self) -> str:

@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, field
 LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)
 """MSE rate-distortion trade-offs of the paper's six quality levels q1..q6."""
 
+PARAM_WIDTH_ROUNDINGS = ("nearest", "floor")
+"""How :class:`model.context.ParameterNet` rounds its linearly ramped inner widths: ``nearest`` (ours,
+what ``lalic-s`` was trained with) or ``floor`` (CompressAI's ``sequential_channel_ramp``, which the
+official LALIC code uses)."""
+
 
 @dataclass(frozen=True)
 class LalicConfig:
@@ -24,6 +29,10 @@ class LalicConfig:
     ctx_depth: int = 2
     ctx_ratio: int = 8
     param_min_width: int = 256
+    param_width_rounding: str = "nearest"
+    """Rounding of the parameter networks' inner widths, one of :data:`PARAM_WIDTH_ROUNDINGS`. The
+    official code (``models/lalic.py`` of sjtu-medialab/RwkvCompress) rounds down; weight files written
+    before this field existed were built with ``nearest``, which is therefore the default."""
     variable_rate: bool = True
     lambdas: tuple[float, ...] = field(default=LAMBDAS)
     synthesis_depths: tuple[int, ...] | None = None
@@ -40,6 +49,9 @@ class LalicConfig:
             raise ValueError("widths and depths must have the same length")
         if self.synthesis_depths is not None and len(self.synthesis_depths) != len(self.widths):
             raise ValueError("synthesis_depths must have one depth per stage")
+        if self.param_width_rounding not in PARAM_WIDTH_ROUNDINGS:
+            got = self.param_width_rounding
+            raise ValueError(f"param_width_rounding must be one of {PARAM_WIDTH_ROUNDINGS}, got {got!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,8 +66,9 @@ class LalicConfig:
 
 
 CONFIGS: dict[str, LalicConfig] = {
-    # The paper's model (fixed rate: one lambda per weight file).
-    "lalic": LalicConfig(name="lalic", variable_rate=False),
+    # The paper's model (fixed rate: one lambda per weight file), with the official code's parameter
+    # network widths, so that the official checkpoints load (model.official).
+    "lalic": LalicConfig(name="lalic", variable_rate=False, param_width_rounding="floor"),
     # CPU-sized, variable-rate: what we train and ship.
     "lalic-s": LalicConfig(
         name="lalic-s",

@@ -110,14 +110,32 @@ class PointwiseBlock(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-class ParameterNet(nn.Module):
-    """Three pointwise blocks; widths ramp linearly from the input to ``2 g`` (inner >= ``min_width``)."""
+def ramp_widths(cin: int, cout: int, min_width: int, rounding: str = "nearest") -> tuple[int, int]:
+    """Inner widths of a three-block :class:`ParameterNet`: a linear ramp from ``cin`` to ``cout``.
 
-    def __init__(self, cin: int, slice_channels: int, min_width: int) -> None:
+    The points one and two thirds of the way are rounded to the nearest integer (``nearest``, ours)
+    or down (``floor``: CompressAI's ``sequential_channel_ramp``, ``ramp(...).floor()``, which the
+    official LALIC code uses), then raised to at least ``min_width``. The ramp is evaluated in exact
+    integer arithmetic; CompressAI's float32 ``linspace`` agrees, since the thirds are either exact
+    integers or a third away from one. See ``model.configs.PARAM_WIDTH_ROUNDINGS``.
+    """
+    if rounding == "floor":
+        inner = [(3 * cin + i * (cout - cin)) // 3 for i in (1, 2)]
+    elif rounding == "nearest":
+        inner = [round(cin + i * (cout - cin) / 3) for i in (1, 2)]
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    return max(min_width, inner[0]), max(min_width, inner[1])
+
+
+class ParameterNet(nn.Module):
+    """Three pointwise blocks; widths ramp linearly from the input to ``2 g`` (inner >= ``min_width``,
+    rounded as :func:`ramp_widths` says)."""
+
+    def __init__(self, cin: int, slice_channels: int, min_width: int, rounding: str = "nearest") -> None:
         super().__init__()
         cout = 2 * slice_channels
-        w1 = max(min_width, round(cin + (cout - cin) / 3))
-        w2 = max(min_width, round(cin + 2 * (cout - cin) / 3))
+        w1, w2 = ramp_widths(cin, cout, min_width, rounding)
         self.blocks = nn.Sequential(PointwiseBlock(cin, w1), PointwiseBlock(w1, w2), PointwiseBlock(w2, cout))
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,6 +167,7 @@ class ContextModel(nn.Module):
         ctx_depth: int,
         ctx_ratio: int,
         param_min_width: int,
+        param_rounding: str = "nearest",
     ) -> None:
         super().__init__()
         self.slices = tuple(slices)
@@ -159,7 +178,7 @@ class ContextModel(nn.Module):
             if k > 0
         )
         self.params = nn.ModuleList(
-            ParameterNet(2 * g + (2 * g if k else 0) + hyper_channels, g, param_min_width)
+            ParameterNet(2 * g + (2 * g if k else 0) + hyper_channels, g, param_min_width, param_rounding)
             for k, g in enumerate(self.slices)
         )
 

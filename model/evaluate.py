@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -587,16 +586,10 @@ def _resolve(path_text: str, dataset: str | None = None) -> Path:
 
 
 def _load_codec(args: argparse.Namespace) -> CodecLike:
-    from model.codec import Codec  # imported lazily: the evaluation of baselines needs no model
+    """The codec of ``--weights`` (one network or a weight set) on ``--device``."""
+    from model.codecset import load_codec  # imported lazily: the evaluation of baselines needs no model
 
-    kwargs: dict[str, Any] = {"weights": args.weights}
-    params = inspect.signature(Codec.from_pretrained).parameters
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if args.device is not None:
-        if "device" not in params and not takes_kwargs:
-            raise SystemExit("--device is not supported by model.codec.Codec.from_pretrained")
-        kwargs["device"] = args.device
-    return Codec.from_pretrained(**kwargs)
+    return load_codec(args.weights, **({} if args.device is None else {"device": args.device}))
 
 
 @dataclass

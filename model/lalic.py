@@ -66,7 +66,13 @@ class LALIC(nn.Module):
         self.entropy_bottleneck = FactorizedPrior(c.hyper_latent)
         self.gaussian = GaussianConditional()
         self.context = ContextModel(
-            c.slices, c.latent, c.ctx_width, c.ctx_depth, c.ctx_ratio, c.param_min_width
+            c.slices,
+            c.latent,
+            c.ctx_width,
+            c.ctx_depth,
+            c.ctx_ratio,
+            c.param_min_width,
+            c.param_width_rounding,
         )
         if c.variable_rate:
             levels = len(c.lambdas)

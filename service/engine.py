@@ -144,8 +144,9 @@ class Engine:
             torch.set_num_threads(self.settings.torch_threads)
 
     def _create_codec(self) -> Codec:
-        """Build the codec the settings ask for."""
+        """Build the codec the settings ask for (a codec set for a weight set of per-quality networks)."""
         from model.codec import Codec
+        from model.codecset import load_codec
 
         device = resolve_device(self.settings.device)
         options: dict[str, Any] = {
@@ -155,7 +156,7 @@ class Engine:
         }
         if self.settings.random_weights:
             return Codec.random(config=self.settings.model, seed=0, **options)
-        return Codec.from_pretrained(self.settings.weights, **options)
+        return load_codec(self.settings.weights, **options)
 
     # -- request side (any thread) ------------------------------------------------------------
 
@@ -196,12 +197,53 @@ class Engine:
             if probe is not None and probe.pixels > self.settings.max_pixels:
                 raise StreamTooLargeError(probe) from None
             raise
-        if header.model_id != codec.model_id or header.weights_digest.hex() != codec.weights_digest:
+        maker = self._maker(header)
+        if header.model_id != maker.model_id or header.weights_digest.hex() != maker.weights_digest:
             raise ModelMismatchError(
                 f"the stream was made by {header.model_id}@{header.weights_digest.hex()}, "
-                f"this server runs {codec.model_id}@{codec.weights_digest}"
+                f"this server runs {maker.model_id}@{maker.weights_digest}"
             )
         return header
+
+    def _maker(self, header: Header) -> Codec:
+        """The codec that must have made a stream: with a set of per-quality networks
+        (:class:`model.codecset.CodecSet`), its network of the header's quality."""
+        codec = self.require_codec()
+        from model.codecset import CodecSet  # after require_codec: torch is loaded
+
+        if isinstance(codec, CodecSet) and header.quality in codec.loaded:
+            return codec.codec(header.quality)
+        return codec
+
+    def quality_served(self, quality: float) -> bool:
+        """Whether the loaded codec codes ``quality``: a value between loaded anchors for a variable-rate
+        model (``Settings.quality_served``), exactly a loaded quality for a set of fixed-rate networks."""
+        codec = self.require_codec()
+        from model.codecset import CodecSet
+
+        if isinstance(codec, CodecSet):
+            return float(quality) in self.warmed
+        return self.settings.quality_served(quality)
+
+    def models(self) -> list[dict[str, Any]]:
+        """What ``/v1/models`` lists: the codec, or every network of a set (one quality each)."""
+        codec = self.require_codec()
+        from model.codecset import CodecSet
+
+        members = [(codec, list(self.warmed))]
+        if isinstance(codec, CodecSet):
+            members = [(codec.codec(q), [q]) for q in self.warmed]
+        return [
+            {
+                "id": c.model_id,
+                "weights_digest": c.weights_digest,
+                "qualities": qualities,
+                "quality_range": [min(qualities), max(qualities)],
+                "device": c.device,
+                "backend": c.backend,
+            }
+            for c, qualities in members
+        ]
 
     # -- batch execution (worker thread) ------------------------------------------------------
 

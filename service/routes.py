@@ -109,6 +109,12 @@ async def compress(
             f"quality {quality:g} is not served (loaded: {list(settings.qualities)})",
         )
     engine = runtime.require_ready()
+    if not engine.quality_served(quality):  # a set of fixed-rate networks: no values between
+        raise ServiceError(
+            422,
+            ErrorCode.INVALID_PARAMETER,
+            f"quality {quality:g} is not served (one network per quality: {list(engine.warmed)})",
+        )
     deadline = runtime.deadline_of(request)
     data = await _read_image_bytes(request, runtime)
     image = await run_in_threadpool(
@@ -180,23 +186,10 @@ async def decompress(
 
 @router.get("/v1/models", summary="The loaded model", responses={503: UNAVAILABLE})
 async def models(runtime: RuntimeDep) -> ModelsBody:
-    """Model id, weights digest, qualities, device and backend (503 until loaded)."""
+    """Model id, weights digest, qualities, device and backend (503 until loaded); a weight set of
+    per-quality networks (``lalic import``) lists each network with its one quality."""
     engine = runtime.require_ready()
-    codec = engine.require_codec()
-    return ModelsBody.model_validate(
-        {
-            "models": [
-                {
-                    "id": codec.model_id,
-                    "weights_digest": codec.weights_digest,
-                    "qualities": list(engine.warmed),
-                    "quality_range": [min(engine.warmed), max(engine.warmed)],
-                    "device": codec.device,
-                    "backend": codec.backend,
-                }
-            ]
-        }
-    )
+    return ModelsBody.model_validate({"models": engine.models()})
 
 
 @router.get("/healthz", summary="Liveness")

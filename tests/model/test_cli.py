@@ -52,7 +52,7 @@ def test_bad_input_gives_a_message_and_status_2(tmp_path: Path) -> None:
 def test_help_lists_every_command() -> None:
     done = lalic("--help")
     assert done.returncode == 0
-    for command in ("compress", "decompress", "info", "train", "eval", "serve", "export"):
+    for command in ("compress", "decompress", "info", "train", "eval", "serve", "export", "import"):
         assert command in done.stdout
 
 

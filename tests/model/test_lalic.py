@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from model.codec import Codec
-from model.configs import CONFIGS, get_config
+from model.configs import CONFIGS, LalicConfig, get_config
+from model.context import ramp_widths
 from model.lalic import LALIC
 
 
@@ -84,3 +86,33 @@ def test_configs_are_consistent() -> None:
         assert cfg.name == name
         assert sum(cfg.slices) == cfg.latent
         assert len(cfg.lambdas) == 6
+
+
+def test_parameter_network_widths_round_as_configured() -> None:
+    """``lalic`` rounds the ramp down like the official code (CompressAI's sequential_channel_ramp);
+    every other configuration, and every stored config without the field, rounds to nearest."""
+    assert ramp_widths(384, 32, 256, "floor") == (266, 256)  # 266.67, 149.33
+    assert ramp_widths(384, 32, 256, "nearest") == (267, 256)
+    assert ramp_widths(576, 128, 256, "floor") == (426, 277)  # 426.67, 277.33
+    assert ramp_widths(576, 128, 256, "nearest") == (427, 277)
+    assert ramp_widths(1088, 384, 256, "floor") == (853, 618)  # 853.33, 618.67
+    assert ramp_widths(1088, 384, 256, "nearest") == (853, 619)
+    assert ramp_widths(448, 64, 256, "floor") == ramp_widths(448, 64, 256, "nearest") == (320, 256)
+    assert get_config("lalic").param_width_rounding == "floor"
+    assert get_config("lalic-s").param_width_rounding == "nearest"
+    stored = get_config("lalic").to_dict()
+    del stored["param_width_rounding"]  # a config written before the field existed
+    assert LalicConfig.from_dict(stored).param_width_rounding == "nearest"
+    message = r"param_width_rounding must be one of \('nearest', 'floor'\), got 'up'"
+    with pytest.raises(ValueError, match=message):
+        get_config("lalic", param_width_rounding="up")
+
+
+def test_paper_configuration_has_the_official_parameter_count() -> None:
+    """66 133 045 parameters upstream, of which 512 000 are the folded Omni-Shift kernels that the
+    official code keeps as parameters (../shared/reference/lalic-official/CHECKPOINTS.md)."""
+    with torch.device("meta"):
+        net = LALIC(get_config("lalic"))
+    assert sum(p.numel() for p in net.parameters()) == 66_133_045 - 512_000
+    widths = [tuple(b.proj.out_features for b in p.blocks) for p in net.context.params]
+    assert widths == [(256, 256, 32), (266, 256, 32), (320, 256, 64), (426, 277, 128), (853, 618, 384)]

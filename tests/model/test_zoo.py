@@ -63,3 +63,14 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     again = load_network(path)
     for (k, a), (_, b) in zip(net.state_dict().items(), again.state_dict().items(), strict=True):
         assert np.array_equal(a.numpy(), b.numpy()), k
+
+
+def test_shipped_weights_load_unchanged(entry: dict) -> None:
+    """Their stored config predates ``param_width_rounding``: it loads as ``nearest``, the widths and
+    the weights digest (what every stream made with them carries) stay as they were."""
+    assert "param_width_rounding" not in entry["config"]
+    codec = Codec.from_pretrained()
+    assert codec.net.config.param_width_rounding == "nearest"
+    widths = [tuple(b.proj.out_features for b in p.blocks[:2]) for p in codec.net.context.params]
+    assert widths == [(139, 96), (160, 96), (213, 139), (213, 139), (320, 224)]  # floor: 138 for 139
+    assert codec.weights_digest == "d0887e03b1845744"
