@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lalic.cli import main as lalic
@@ -23,25 +22,15 @@ from model.bitstream import BitstreamError
 from model.codec import Codec
 from model.codecset import CodecSet, load_codec
 from model.configs import get_config
-from model.lalic import LALIC
-from model.zoo import WeightSet, WeightSetMember, load_network, save_weight_set
+from model.zoo import WeightSet, WeightSetMember, load_network
+from tests.model.weight_sets import write_weight_set
 
 QUALITIES = (1, 3, 6)
 
 
 @pytest.fixture(scope="module")
 def weight_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = get_config("lalic-s", variable_rate=False)
-    members = []
-    for quality in QUALITIES:
-        torch.manual_seed(quality)
-        net = LALIC(config)
-        net.update()
-        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        members.append(WeightSetMember(float(quality), f"q{quality}", config.lambdas[quality - 1], state))
-    path = tmp_path_factory.mktemp("set") / "set.pt"
-    save_weight_set(WeightSet(config, tuple(members), {"members": [{"sha256": "test"}]}), path)
-    return path
+    return write_weight_set(tmp_path_factory.mktemp("set") / "set.pt", QUALITIES)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,7 @@ import torch
 
 from model.codec import Codec
 from model.codecset import CodecSet, load_codec
-from model.configs import get_config
-from model.lalic import LALIC
-from model.zoo import WeightSet, WeightSetMember, save_weight_set
+from tests.model.weight_sets import write_weight_set
 from tests.service.helpers import (
     PNG,
     TEST_BACKEND,
@@ -33,18 +31,7 @@ QUALITIES = (2, 3, 6)
 
 @pytest.fixture(scope="module")
 def weight_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = get_config("lalic-s", variable_rate=False)
-    members = []
-    for quality in QUALITIES:
-        torch.manual_seed(10 + quality)
-        net = LALIC(config)
-        net.update()
-        members.append(
-            WeightSetMember(float(quality), f"q{quality}", config.lambdas[quality - 1], net.state_dict())
-        )
-    path = tmp_path_factory.mktemp("set") / "set.pt"
-    save_weight_set(WeightSet(config, tuple(members), {}), path)
-    return path
+    return write_weight_set(tmp_path_factory.mktemp("set") / "set.pt", QUALITIES, seed=10)
 
 
 @pytest.fixture(scope="module")
