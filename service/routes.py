@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,7 +14,13 @@ from model.bitstream import BitstreamError
 from service.body import MULTIPART_FORM, extract_form_file, media_type_of, read_body
 from service.engine import ModelMismatchError, StreamTooLargeError, bits_per_pixel
 from service.errors import ErrorCode, ServiceError
-from service.formats import FORMAT_ALIASES, encode_image, negotiate
+from service.formats import (
+    FORMAT_ALIASES,
+    FORMAT_FALLBACK_HEADER,
+    FormatLimitError,
+    encode_image,
+    negotiate,
+)
 from service.images import INPUT_MEDIA_TYPES, decode_image, is_input_media_type
 from service.metrics import quality_label
 from service.middleware import QUALITY_STATE_KEY, QUALITY_VALUE_STATE_KEY
@@ -47,9 +54,9 @@ def _set_quality_label(request: Request, quality: float) -> str:
     return label
 
 
-def _format_quality(quality: float) -> str:
-    """``3`` for whole qualities, else the shortest exact float text."""
-    return str(int(quality)) if float(quality).is_integer() else repr(float(quality))
+def format_quality(quality: float) -> str:
+    """The quality a stream holds (float32), as the shortest text that reads back to it: ``3``, ``3.37``."""
+    return np.format_float_positional(np.float32(quality), trim="-")
 
 
 def _unsupported_media_type(media_type: str, accepted: list[str]) -> ServiceError:
@@ -119,7 +126,7 @@ async def compress(
     bpp = bits_per_pixel(stream, image)
     runtime.metrics.bits_per_pixel.labels(quality=label).observe(bpp)
     headers = {
-        "X-Lalic-Quality": _format_quality(quality),
+        "X-Lalic-Quality": format_quality(quality),
         "X-Lalic-Width": str(width),
         "X-Lalic-Height": str(height),
         "X-Lalic-Bytes": str(len(stream)),
@@ -161,21 +168,27 @@ async def decompress(
     except BitstreamError as exc:
         raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
     _set_quality_label(request, header.quality)
+    requested = FORMAT_ALIASES[output_format] if output_format else None
+    try:  # before decoding: the header knows the size
+        choice = negotiate(requested, request.headers.get("accept"), header.width, header.height)
+    except FormatLimitError as exc:
+        raise ServiceError(422, ErrorCode.INVALID_PARAMETER, str(exc)) from None
     try:
         image = await runtime.run(engine.decompress_key(header), data, deadline)
     except ValueError as exc:  # BitstreamError, or the codec refusing what the stream asks for
         raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
-    fmt = negotiate(FORMAT_ALIASES[output_format] if output_format else None, request.headers.get("accept"))
-    body = await run_in_threadpool(encode_image, image, fmt)
+    body = await run_in_threadpool(encode_image, image, choice.format)
     headers = {
         "Vary": "Accept",
-        "X-Lalic-Quality": _format_quality(header.quality),
+        "X-Lalic-Quality": format_quality(header.quality),
         "X-Lalic-Width": str(header.width),
         "X-Lalic-Height": str(header.height),
         "X-Lalic-Bytes": str(len(data)),
         "X-Lalic-Bpp": f"{len(data) * 8.0 / header.pixels:.6f}",
     }
-    return Response(body, media_type=fmt.media_type, headers=headers)
+    if choice.passed_over:
+        headers[FORMAT_FALLBACK_HEADER] = ", ".join(fmt.value for fmt in choice.passed_over)
+    return Response(body, media_type=choice.format.media_type, headers=headers)
 
 
 @router.get("/v1/models", summary="The loaded model", responses={503: UNAVAILABLE})

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.formats import FORMAT_FALLBACK_HEADER
 from service.images import INPUT_MEDIA_TYPES
 
 BITSTREAM_MEDIA_TYPE = "application/x-lalic"
@@ -107,6 +108,15 @@ LALIC_HEADERS = {
     "X-Lalic-Bytes": {"description": "Bitstream size in bytes.", "schema": {"type": "string"}},
     "X-Lalic-Bpp": {"description": "Bits per pixel of the stream.", "schema": {"type": "string"}},
 }
+DECOMPRESS_HEADERS = {
+    **LALIC_HEADERS,
+    FORMAT_FALLBACK_HEADER: {
+        "description": "Only when Accept named formats that cannot hold the image's size (WebP sides "
+        "are at most 16383 pixels, JPEG 65500): those formats, comma-separated; the body is in the "
+        "best acceptable format that can (PNG at worst).",
+        "schema": {"type": "string"},
+    },
+}
 
 COMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -128,12 +138,15 @@ DECOMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
             "image/jpeg": {"schema": BINARY},
         },
         "description": "The decoded image.",
-        "headers": LALIC_HEADERS,
+        "headers": DECOMPRESS_HEADERS,
     },
     400: error("bad_bitstream, model_mismatch or bad_request."),
     413: error("payload_too_large (body) or too_many_pixels (declared in the stream header)."),
     415: error("unsupported_media_type."),
-    422: error("invalid_parameter: unknown format."),
+    422: error(
+        "invalid_parameter: unknown format, or an explicit format that cannot hold the image's size "
+        "(WebP sides are at most 16383 pixels, JPEG 65500; PNG holds any)."
+    ),
     503: UNAVAILABLE,
 }
 COMPRESS_BODY = {
