@@ -3,6 +3,9 @@
 Everything that touches torch runs in the batching worker's thread (see :mod:`service.worker`):
 :meth:`Engine.load` is the worker's start-up step and :meth:`Engine.run_batch` its batch function.
 Header parsing and shape arithmetic are cheap, pure Python, and may run anywhere.
+
+The engine also owns the cost model (:mod:`service.cost`): warm-up ends by timing one image of each
+of :data:`CALIBRATION_SIDES` per operation, and every finished batch updates the estimates.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.cost import CostModel
 from service.metrics import Metrics
 from service.settings import Settings
 from service.worker import Job
@@ -29,8 +33,15 @@ logger = logging.getLogger("service.engine")
 
 COMPRESS = "compress"
 DECOMPRESS = "decompress"
+OPERATIONS = (COMPRESS, DECOMPRESS)
 _HEADER_PROBE_PIXELS = 1 << 40
 """Pixel limit used to parse a header only to learn its size (nothing is allocated from it)."""
+CALIBRATION_SIDES = (64, 384)
+"""Sides of the square images timed at the end of warm-up to fit the cost model (two sizes: a line)."""
+CALIBRATION_RUNS = 3
+"""Rounds over the sizes; the fastest time of each size counts (the first of a new size pays for lazy
+set-up, and a busy machine only ever adds time; live timings then move the estimates to what
+requests really take)."""
 
 
 class ModelState(StrEnum):
@@ -50,6 +61,11 @@ class BatchKey:
     quality: float
     padded_height: int
     padded_width: int
+
+    @property
+    def pixels(self) -> int:
+        """Padded pixels of each image of the batch (what the cost model counts)."""
+        return self.padded_height * self.padded_width
 
 
 class ModelMismatchError(Exception):
@@ -83,7 +99,10 @@ class Engine:
         self.error: str | None = None
         self.codec: Codec | None = None
         self.warmed: tuple[float, ...] = ()
+        self.costs = CostModel()
         self._ready = threading.Event()
+        for operation in OPERATIONS:
+            metrics.track_cost(operation, self._cost_reader(operation))
 
     @property
     def ready(self) -> bool:
@@ -120,6 +139,7 @@ class Engine:
                 self.codec.warmup(qualities=[quality])
                 self.warmed = (*self.warmed, quality)
                 self.metrics.models_loaded.set(len(self.warmed))
+            self._calibrate()
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = ModelState.FAILED
@@ -135,6 +155,45 @@ class Engine:
             list(self.warmed),
             time.perf_counter() - started,
         )
+
+    def _calibrate(self) -> None:
+        """Time a compress and a decompress of one image of each calibration size; fit the cost model."""
+        codec = self.require_codec()
+        quality = self.settings.qualities[len(self.settings.qualities) // 2]
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for side in CALIBRATION_SIDES]
+        best = {(operation, side): float("inf") for operation in OPERATIONS for side in CALIBRATION_SIDES}
+        for _ in range(CALIBRATION_RUNS):  # sizes interleaved: a stall spoils one run, not one size
+            for side, image in zip(CALIBRATION_SIDES, images, strict=True):
+                started = time.perf_counter()
+                stream = codec.compress(image, quality)
+                coded = time.perf_counter()
+                codec.decompress(stream)
+                best[COMPRESS, side] = min(best[COMPRESS, side], coded - started)
+                best[DECOMPRESS, side] = min(best[DECOMPRESS, side], time.perf_counter() - coded)
+        small, large = CALIBRATION_SIDES
+        for operation in OPERATIONS:
+            self.costs.calibrate(
+                operation, (small * small, best[operation, small]), (large * large, best[operation, large])
+            )
+            fixed, per_pixel = self.costs.parameters(operation)
+            logger.info(
+                "cost model: %s takes %.1f ms + %.3f s per megapixel per image",
+                operation,
+                fixed * 1e3,
+                per_pixel * 1e6,
+            )
+
+    def _cost_reader(self, operation: str) -> Callable[[], tuple[float, float]]:
+        """``(fixed seconds, seconds per pixel)`` of ``operation``, zeros before calibration."""
+
+        def read() -> tuple[float, float]:
+            try:
+                return self.costs.parameters(operation)
+            except KeyError:
+                return 0.0, 0.0
+
+        return read
 
     def _configure_torch(self) -> None:
         """Apply the thread settings before any model work."""
@@ -205,21 +264,55 @@ class Engine:
 
     # -- batch execution (worker thread) ------------------------------------------------------
 
-    def run_batch(self, jobs: Sequence[Job]) -> list[Any]:
-        """Run jobs sharing one :class:`BatchKey`: images to streams, or streams to images."""
+    def estimate(self, key: BatchKey) -> float:
+        """Estimated seconds to run one job of ``key`` (the cost model is fitted once ready)."""
+        return self.costs.estimate(key.operation, key.pixels)
+
+    def run_batch(self, jobs: Sequence[Job], checkpoint: Callable[[], None]) -> list[Any]:
+        """Run jobs sharing one :class:`BatchKey`: images to streams, or streams to images.
+
+        ``checkpoint`` goes to the codec, which calls it between stages and tiles.
+        """
         codec = self.require_codec()
         key: BatchKey = jobs[0].key
         timings: dict[str, float] = {}
+        payloads = [job.payload for job in jobs]
         results: list[Any]
         if key.operation == COMPRESS:
-            results = list(codec.compress_batch([job.payload for job in jobs], key.quality, timings=timings))
-        else:
-            payloads = [job.payload for job in jobs]
             results = list(
-                codec.decompress_batch(payloads, timings=timings, max_pixels=self.settings.max_pixels)
+                codec.compress_batch(payloads, key.quality, timings=timings, checkpoint=checkpoint)
+            )
+        else:
+            results = list(
+                codec.decompress_batch(
+                    payloads, timings=timings, max_pixels=self.settings.max_pixels, checkpoint=checkpoint
+                )
             )
         self.metrics.observe_timings(key.operation, timings)
         return results
+
+    def observe_run(self, jobs: Sequence[Job], seconds: float) -> None:
+        """Teach the cost model how long a finished batch took."""
+        key: BatchKey = jobs[0].key
+        self.costs.observe(key.operation, key.pixels, len(jobs), seconds)
+
+    def observe_abandoned(self, jobs: Sequence[Job], seconds: float) -> None:
+        """Count a batch stopped past its deadline; if it had already run longer than estimated, the
+        estimate was low, and that time (a lower bound of the true cost) teaches the cost model."""
+        key: BatchKey = jobs[0].key
+        self.metrics.jobs_abandoned.labels(operation=key.operation).inc(len(jobs))
+        estimated = sum(job.cost for job in jobs)
+        logger.warning(
+            "abandoned a %s batch of %d %dx%d job(s) past its deadline after %.2f s (estimated %.2f s)",
+            key.operation,
+            len(jobs),
+            key.padded_width,
+            key.padded_height,
+            seconds,
+            estimated,
+        )
+        if seconds > estimated:
+            self.costs.observe(key.operation, key.pixels, len(jobs), seconds)
 
     def observe_batch(self, jobs: Sequence[Job]) -> None:
         """Record the size of a batch about to run and how long its jobs waited."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 from fastapi import FastAPI, Request
@@ -48,9 +49,14 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: ``seconds`` rounded up to whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds))) if math.isfinite(seconds) else "1"
+
+
 def unavailable(code: ErrorCode, detail: str, retry_after_s: float = 1.0) -> ServiceError:
-    """A 503 error with a ``Retry-After`` header (whole seconds, at least 1)."""
-    return ServiceError(503, code, detail, {"Retry-After": str(max(1, round(retry_after_s)))})
+    """A 503 error with a ``Retry-After`` header (whole seconds, rounded up, at least 1)."""
+    return ServiceError(503, code, detail, {"Retry-After": retry_after(retry_after_s)})
 
 
 def error_response(

@@ -118,11 +118,16 @@ async def compress(
     engine = runtime.require_ready()
     deadline = runtime.deadline_of(request)
     data = await _read_image_bytes(request, runtime)
+
+    def admit(height: int, width: int) -> None:  # before the pixels are decoded
+        runtime.admit(engine.compress_key(height, width, quality), height, width, deadline)
+
     image = await run_in_threadpool(
-        decode_image, data, max_pixels=settings.max_pixels, min_side=settings.min_side
+        decode_image, data, max_pixels=settings.max_pixels, min_side=settings.min_side, check_size=admit
     )
     height, width = image.shape[:2]
-    stream: bytes = await runtime.run(engine.compress_key(height, width, quality), image, deadline)
+    key = engine.compress_key(height, width, quality)
+    stream: bytes = await runtime.run(key, image, deadline, height, width)
     bpp = bits_per_pixel(stream, image)
     runtime.metrics.bits_per_pixel.labels(quality=label).observe(bpp)
     headers = {
@@ -174,7 +179,8 @@ async def decompress(
     except FormatLimitError as exc:
         raise ServiceError(422, ErrorCode.INVALID_PARAMETER, str(exc)) from None
     try:
-        image = await runtime.run(engine.decompress_key(header), data, deadline)
+        key = engine.decompress_key(header)
+        image = await runtime.run(key, data, deadline, header.height, header.width)
     except ValueError as exc:  # BitstreamError, or the codec refusing what the stream asks for
         raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
     body = await run_in_threadpool(encode_image, image, choice.format)

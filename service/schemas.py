@@ -100,7 +100,15 @@ def error(description: str, model: type[BaseModel] = ErrorBody) -> dict[str, Any
     return {"model": model, "description": description}
 
 
-UNAVAILABLE = error("not_ready, queue_full, deadline_exceeded or shutting_down; has Retry-After.")
+UNAVAILABLE = error(
+    "not_ready, queue_full, deadline_exceeded (at once when the estimated wait plus run time exceeds "
+    "the request's deadline, or once the deadline passed) or shutting_down; Retry-After (seconds) "
+    "comes from the estimated time for the queue to drain."
+)
+TOO_LARGE_FOR_TIME = (
+    "too_many_pixels also when the cost model estimates that the image cannot be coded within "
+    "request_timeout_s even on an idle worker (the detail names the largest size served)"
+)
 LALIC_HEADERS = {
     "X-Lalic-Quality": {"description": "Quality of the stream.", "schema": {"type": "string"}},
     "X-Lalic-Width": {"description": "Image width in pixels.", "schema": {"type": "string"}},
@@ -125,7 +133,7 @@ COMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
         "headers": LALIC_HEADERS,
     },
     400: error("bad_image, image_too_small or bad_request (malformed body)."),
-    413: error("payload_too_large (body) or too_many_pixels (image)."),
+    413: error(f"payload_too_large (body) or too_many_pixels (image); {TOO_LARGE_FOR_TIME}."),
     415: error("unsupported_media_type."),
     422: error("invalid_parameter: quality missing, out of range or not served; no 'image' form field."),
     503: UNAVAILABLE,
@@ -141,7 +149,9 @@ DECOMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
         "headers": DECOMPRESS_HEADERS,
     },
     400: error("bad_bitstream, model_mismatch or bad_request."),
-    413: error("payload_too_large (body) or too_many_pixels (declared in the stream header)."),
+    413: error(
+        f"payload_too_large (body) or too_many_pixels (declared in the stream header); {TOO_LARGE_FOR_TIME}."
+    ),
     415: error("unsupported_media_type."),
     422: error(
         "invalid_parameter: unknown format, or an explicit format that cannot hold the image's size "

@@ -78,7 +78,20 @@ class Settings(BaseSettings):
     )
     min_side: int = Field(1, ge=1, description="Smallest accepted image width or height, in pixels.")
     request_timeout_s: float = Field(
-        30.0, gt=0, description="Per-request deadline in seconds; requests that cannot meet it get 503."
+        30.0,
+        gt=0,
+        description="Per-request deadline in seconds; a request that cannot meet it gets 503 at once "
+        "(413 for an image too large to ever meet it), and work past it is abandoned.",
+    )
+    admission_factor: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="Safety factor on the cost model's estimates when admitting work: a request is "
+        "refused at once when factor x (estimated wait + run time) exceeds its remaining deadline, and "
+        "with 413 when factor x its run time on an idle worker exceeds request_timeout_s. Above 1 "
+        "refuses earlier; below 1 admits work that may be abandoned at its deadline; 0 turns "
+        "admission control off (deadlines are still enforced while running).",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the worker; unset = torch's default."
