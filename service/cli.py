@@ -110,6 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.protocol import HttpLimits, protocol_class
 
     try:
         settings = settings_from_args(args)
@@ -131,6 +132,10 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=False,  # the request log (service.logs) replaces uvicorn's access lines
         timeout_graceful_shutdown=int(settings.request_timeout_s + SHUTDOWN_GRACE_S),
         lifespan="on",
+        # h11 with our limits and timeouts (service.protocol); httptools bounds neither headers nor reads
+        http=protocol_class(HttpLimits.from_settings(settings), app.state.runtime.metrics),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
+        ws="none",
     )
     uvicorn.Server(config).run()
     return 0

@@ -26,6 +26,8 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
+    HEADERS_TOO_LARGE = "headers_too_large"
     TOO_MANY_PIXELS = "too_many_pixels"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     INVALID_PARAMETER = "invalid_parameter"
@@ -34,6 +36,7 @@ class ErrorCode(StrEnum):
     QUEUE_FULL = "queue_full"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     SHUTTING_DOWN = "shutting_down"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
 
 
 class ServiceError(Exception):

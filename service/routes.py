@@ -74,7 +74,7 @@ async def _read_image_bytes(request: Request, runtime: Runtime) -> bytes:
     media_type = media_type_of(content_type)
     accepted = [*INPUT_MEDIA_TYPES, MULTIPART_FORM]
     if media_type == MULTIPART_FORM:
-        body = await read_body(request, runtime.settings.max_body_bytes)
+        body = await read_body(request, runtime.settings.max_body_bytes, runtime.settings.body_timeout_s)
         part = await run_in_threadpool(extract_form_file, body, content_type, IMAGE_FIELD)
         if part.media_type not in ("", "application/octet-stream") and not is_input_media_type(
             part.media_type
@@ -83,7 +83,7 @@ async def _read_image_bytes(request: Request, runtime: Runtime) -> bytes:
         return part.data
     if not is_input_media_type(media_type):
         raise _unsupported_media_type(media_type, accepted)
-    return await read_body(request, runtime.settings.max_body_bytes)
+    return await read_body(request, runtime.settings.max_body_bytes, runtime.settings.body_timeout_s)
 
 
 @router.post(
@@ -161,7 +161,7 @@ async def decompress(
     media_type = media_type_of(request.headers.get("content-type"))
     if media_type not in BITSTREAM_INPUT_TYPES:
         raise _unsupported_media_type(media_type, [BITSTREAM_MEDIA_TYPE, "application/octet-stream"])
-    data = await read_body(request, runtime.settings.max_body_bytes)
+    data = await read_body(request, runtime.settings.max_body_bytes, runtime.settings.body_timeout_s)
     try:
         header = engine.read_header(data)
     except StreamTooLargeError as exc:

@@ -105,6 +105,7 @@ UNAVAILABLE = error(
     "the request's deadline, or once the deadline passed) or shutting_down; Retry-After (seconds) "
     "comes from the estimated time for the queue to drain."
 )
+REQUEST_TIMEOUT = error("request_timeout: the body did not arrive within body_timeout_s; then closed.")
 TOO_LARGE_FOR_TIME = (
     "too_many_pixels also when the cost model estimates that the image cannot be coded within "
     "request_timeout_s even on an idle worker (the detail names the largest size served)"
@@ -133,6 +134,7 @@ COMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
         "headers": LALIC_HEADERS,
     },
     400: error("bad_image, image_too_small or bad_request (malformed body)."),
+    408: REQUEST_TIMEOUT,
     413: error(f"payload_too_large (body) or too_many_pixels (image); {TOO_LARGE_FOR_TIME}."),
     415: error("unsupported_media_type."),
     422: error("invalid_parameter: quality missing, out of range or not served; no 'image' form field."),
@@ -149,6 +151,7 @@ DECOMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
         "headers": DECOMPRESS_HEADERS,
     },
     400: error("bad_bitstream, model_mismatch or bad_request."),
+    408: REQUEST_TIMEOUT,
     413: error(
         f"payload_too_large (body) or too_many_pixels (declared in the stream header); {TOO_LARGE_FOR_TIME}."
     ),

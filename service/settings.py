@@ -93,6 +93,37 @@ class Settings(BaseSettings):
         "refuses earlier; below 1 admits work that may be abandoned at its deadline; 0 turns "
         "admission control off (deadlines are still enforced while running).",
     )
+    max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        le=1 << 20,
+        description="Largest request line plus headers, in bytes; beyond it the server answers 431 and "
+        "closes the connection.",
+    )
+    max_header_count: int = Field(
+        100, ge=8, le=10_000, description="Most request headers; more get 431 and the connection closed."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send the request line and headers, from connecting or "
+        "from the end of the previous response; then 408 (or a silent close if it sent nothing).",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client has to send the whole body once the headers arrived; then 408 "
+        "and the connection is closed.",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="Most open client connections; requests on connections beyond it get 503 "
+        "too_many_connections and the connection is closed.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the worker; unset = torch's default."
     )
