@@ -97,12 +97,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+_VALUE_ERROR_PREFIX = "Value error, "
+
+
 def describe_invalid_settings(error: ValidationError) -> str:
-    """One line per invalid setting, without the values given (an API key must never be echoed)."""
-    return "\n".join(
-        f"  {'.'.join(str(part) for part in item['loc']) or 'settings'}: {item['msg']}"
-        for item in error.errors(include_url=False, include_context=False, include_input=False)
-    )
+    """One line per invalid setting, naming its variable and flag, without the values given (an API
+    key must never be echoed)."""
+    lines = []
+    for item in error.errors(include_url=False, include_context=False, include_input=False):
+        name = str(item["loc"][0]) if item["loc"] else ""
+        known = name in Settings.model_fields
+        where = f" (LALIC_{name.upper()}, --{name.replace('_', '-')})" if known else ""
+        message = item["msg"].removeprefix(_VALUE_ERROR_PREFIX)
+        lines.append(f"  {'.'.join(str(part) for part in item['loc']) or 'settings'}{where}: {message}")
+    return "\n".join(lines)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -32,12 +32,19 @@ API_KEY_MIN_LENGTH = 16
 API_KEY_MAX_LENGTH = 256
 
 
+API_KEY_RULE = (
+    f"each API key must have {API_KEY_MIN_LENGTH}..{API_KEY_MAX_LENGTH} visible ASCII characters "
+    "(no spaces, no commas)"
+)
+"""The rule for API keys, as the start-up error and the documentation state it."""
+
+
 def _check_key(key: str) -> None:
     """An API key is 16..256 visible ASCII characters (no spaces, no commas); the key is never echoed."""
     if not API_KEY_MIN_LENGTH <= len(key) <= API_KEY_MAX_LENGTH:
-        raise ValueError(f"API keys must have {API_KEY_MIN_LENGTH}..{API_KEY_MAX_LENGTH} characters")
+        raise ValueError(f"a key has {len(key)} characters; {API_KEY_RULE}")
     if not all("!" <= ch <= "~" and ch != "," for ch in key):
-        raise ValueError("API keys must be visible ASCII characters without commas")
+        raise ValueError(f"a key has a space, comma or non-ASCII character; {API_KEY_RULE}")
 
 
 class Settings(BaseSettings):
@@ -144,8 +151,9 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (),
-        description="API keys (comma-separated); when any key is set (here or in api_keys_file), "
-        "requests need 'Authorization: Bearer <key>'. Prefer api_keys_file: flags show in ps.",
+        description="API keys (comma-separated), each 16..256 visible ASCII characters without spaces "
+        "or commas; when any key is set (here or in api_keys_file), requests need "
+        "'Authorization: Bearer <key>'. Prefer api_keys_file: flags show in ps.",
     )
     api_keys_file: Path | None = Field(
         None,
@@ -190,9 +198,12 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _check_api_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        """Keys are visible ASCII without spaces or commas (what fits a Bearer token)."""
-        for key in value:
-            _check_key(key.get_secret_value())
+        """Keys are 16..256 visible ASCII characters without spaces or commas (what fits a Bearer token)."""
+        for number, key in enumerate(value, 1):
+            try:
+                _check_key(key.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"key {number} of {len(value)}: {exc}") from None
         return value
 
     @field_validator("log_level", mode="before")

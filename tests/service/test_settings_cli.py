@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.cli import MALLOC_THRESHOLD, add_serve_arguments, settings_from_args
+from service.cli import MALLOC_THRESHOLD, add_serve_arguments, run_serve, settings_from_args
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +100,18 @@ def test_entropy_thread_default_matches_the_codec() -> None:
     from model.codec import ENTROPY_THREADS
 
     assert Settings.model_fields["entropy_threads"].default == ENTROPY_THREADS
+
+
+def test_short_api_keys_refuse_to_start_with_the_rule_stated(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LALIC_API_KEYS", "k1,k2")
+    assert run_serve(parse([])) == 2  # refused before anything starts
+    assert capsys.readouterr().err == (
+        "invalid settings:\n"
+        "  api_keys (LALIC_API_KEYS, --api-keys): key 1 of 2: a key has 2 characters; each API key must "
+        "have 16..256 visible ASCII characters (no spaces, no commas)\n"
+    )
 
 
 def test_the_limits_against_hostile_clients_are_settings_with_defaults() -> None:
