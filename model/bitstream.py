@@ -58,6 +58,7 @@ __all__ = [
     "BitstreamError",
     "Container",
     "Header",
+    "ModelMismatchError",
     "PixelLimitError",
     "pack",
     "read_header",
@@ -202,6 +203,10 @@ class PixelLimitError(BitstreamError):
         super().__init__(f"image has {header.pixels} elements, above the limit of {max_pixels}")
         self.header = header
         self.max_pixels = max_pixels
+
+
+class ModelMismatchError(BitstreamError):
+    """A well-formed stream made by another model or by other weights than the decoder's."""
 
 
 class Container(NamedTuple):

@@ -67,6 +67,7 @@ from model.bitstream import (
     BitstreamError,
     Container,
     Header,
+    ModelMismatchError,
     PixelLimitError,
     pack,
     read_header,
@@ -83,10 +84,6 @@ from model.tiling import compress_tiled, decompress_tiled, needs_tiling
 
 ENTROPY_THREADS = 2
 """Default torch threads of the entropy-parameter path (see the module docstring)."""
-
-
-class ModelMismatchError(BitstreamError):
-    """A well-formed stream made by another model or by other weights than this codec's."""
 
 
 Checkpoint = Callable[[], None]
@@ -463,7 +460,7 @@ class Codec:
         """Refuse streams made by another model or other weights (:class:`ModelMismatchError`)."""
         if header.model_id != self.model_id or header.weights_digest != self.digest:
             raise ModelMismatchError(
-                f"stream was made by {header.model_id}@{header.weights_digest.hex()}, "
+                f"the stream was made by {header.model_id}@{header.weights_digest.hex()}, "
                 f"this codec is {self.model_id}@{self.weights_digest}"
             )
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from model.bitstream import DEFAULT_MAX_PIXELS, BitstreamError, Container, Header, read_header, unpack
+from model.bitstream import DEFAULT_MAX_PIXELS, Container, Header, ModelMismatchError, read_header, unpack
 from model.codec import Checkpoint, Codec, padded_size
 from model.zoo import WeightSet, load_network, read_weight_set
 
@@ -186,8 +186,8 @@ class CodecSet:
         if header.quality in self.qualities:
             return header.quality
         served = ", ".join(f"{self.weights.member(q).model_id(self.weights.config)}" for q in self.qualities)
-        raise BitstreamError(
-            f"stream was made by {header.model_id}@{header.weights_digest.hex()} at quality "
+        raise ModelMismatchError(
+            f"the stream was made by {header.model_id}@{header.weights_digest.hex()} at quality "
             f"{header.quality:g}; this set serves {served}"
         )
 

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import ApiKeys, AuthMiddleware, needs_key
 from service.errors import install_error_handlers
+from service.formats import FORMAT_FALLBACK_HEADER
 from service.images import configure_pillow
 from service.logs import REQUEST_ID_HEADER
 from service.middleware import ErrorGuardMiddleware, RequestLogMiddleware, RequestMetricsMiddleware
@@ -28,7 +29,7 @@ DRAIN_GRACE_S = 10.0
 
 CORS_METHODS = ["GET", "POST"]
 CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Accept", REQUEST_ID_HEADER]
-CORS_EXPOSED_HEADERS = [*LALIC_HEADERS, REQUEST_ID_HEADER, "Retry-After"]
+CORS_EXPOSED_HEADERS = [*LALIC_HEADERS, FORMAT_FALLBACK_HEADER, REQUEST_ID_HEADER, "Retry-After"]
 CORS_MAX_AGE_S = 600
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
@@ -9,6 +11,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from service.errors import ErrorCode, ServiceError
+from service.middleware import request_started
 
 MULTIPART_FORM = "multipart/form-data"
 
@@ -27,11 +30,13 @@ def too_large(limit: int) -> ServiceError:
     )
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """Read the body, refusing on Content-Length or as soon as more than ``max_bytes`` arrived.
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """Read the body, refusing on Content-Length or as soon as more than ``max_bytes`` arrived, or
+    when it is not complete ``timeout_s`` after the request's headers arrived.
 
     Raises:
-        ServiceError: 413 over the limit, 400 for a bad Content-Length or a client that went away.
+        ServiceError: 413 over the limit, 408 too slow (the connection is closed after both), 400 for
+            a bad Content-Length or a client that went away.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -42,13 +47,22 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         if length > max_bytes:
             raise too_large(max_bytes)
     received = bytearray()
+    left = request_started(request.scope) + timeout_s - time.monotonic()
     try:
-        async for chunk in request.stream():
-            if len(received) + len(chunk) > max_bytes:
-                raise too_large(max_bytes)
-            received += chunk
+        async with asyncio.timeout(max(left, 0.0)):
+            async for chunk in request.stream():
+                if len(received) + len(chunk) > max_bytes:
+                    raise too_large(max_bytes)
+                received += chunk
     except ClientDisconnect:
         raise ServiceError(400, ErrorCode.BAD_REQUEST, "the client disconnected while sending") from None
+    except TimeoutError:
+        raise ServiceError(
+            408,
+            ErrorCode.REQUEST_TIMEOUT,
+            f"the request body did not arrive within {timeout_s:g} s",
+            {"Connection": "close"},
+        ) from None
     return bytes(received)
 
 

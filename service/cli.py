@@ -64,12 +64,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+_VALUE_ERROR_PREFIX = "Value error, "
+
+
 def describe_invalid_settings(error: ValidationError) -> str:
-    """One line per invalid setting, without the values given (an API key must never be echoed)."""
-    return "\n".join(
-        f"  {'.'.join(str(part) for part in item['loc']) or 'settings'}: {item['msg']}"
-        for item in error.errors(include_url=False, include_context=False, include_input=False)
-    )
+    """One line per invalid setting, naming its variable and flag, without the values given (an API
+    key must never be echoed)."""
+    lines = []
+    for item in error.errors(include_url=False, include_context=False, include_input=False):
+        name = str(item["loc"][0]) if item["loc"] else ""
+        known = name in Settings.model_fields
+        where = f" (LALIC_{name.upper()}, --{name.replace('_', '-')})" if known else ""
+        message = item["msg"].removeprefix(_VALUE_ERROR_PREFIX)
+        lines.append(f"  {'.'.join(str(part) for part in item['loc']) or 'settings'}{where}: {message}")
+    return "\n".join(lines)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -77,6 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.protocol import HttpLimits, protocol_class
 
     try:
         settings = settings_from_args(args)
@@ -98,6 +107,10 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=False,  # the request log (service.logs) replaces uvicorn's access lines
         timeout_graceful_shutdown=int(settings.request_timeout_s + SHUTDOWN_GRACE_S),
         lifespan="on",
+        # h11 with our limits and timeouts (service.protocol); httptools bounds neither headers nor reads
+        http=protocol_class(HttpLimits.from_settings(settings), app.state.runtime.metrics),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
+        ws="none",
     )
     uvicorn.Server(config).run()
     return 0

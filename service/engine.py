@@ -3,6 +3,9 @@
 Everything that touches torch runs in the batching worker's thread (see :mod:`service.worker`):
 :meth:`Engine.load` is the worker's start-up step and :meth:`Engine.run_batch` its batch function.
 Header parsing and shape arithmetic are cheap, pure Python, and may run anywhere.
+
+The engine also owns the cost model (:mod:`service.cost`): warm-up ends by timing one image of each
+of :data:`CALIBRATION_SIDES` per operation, and every finished batch updates the estimates.
 """
 
 from __future__ import annotations
@@ -10,27 +13,33 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.cost import CostModel
 from service.metrics import Metrics
 from service.settings import Settings
 from service.worker import Job
 
 if TYPE_CHECKING:
-    from model.bitstream import Header
+    from model.bitstream import Container, Header
     from model.codec import Codec
 
 logger = logging.getLogger("service.engine")
 
 COMPRESS = "compress"
 DECOMPRESS = "decompress"
-_HEADER_PROBE_PIXELS = 1 << 40
-"""Pixel limit used to parse a header only to learn its size (nothing is allocated from it)."""
+OPERATIONS = (COMPRESS, DECOMPRESS)
+CALIBRATION_SIDES = (64, 384)
+"""Sides of the square images timed at the end of warm-up to fit the cost model (two sizes: a line)."""
+CALIBRATION_RUNS = 3
+"""Rounds over the sizes; the fastest time of each size counts (the first of a new size pays for lazy
+set-up, and a busy machine only ever adds time; live timings then move the estimates to what
+requests really take)."""
 
 
 class ModelState(StrEnum):
@@ -51,17 +60,10 @@ class BatchKey:
     padded_height: int
     padded_width: int
 
-
-class ModelMismatchError(Exception):
-    """A well-formed stream made by another model or other weights."""
-
-
-class StreamTooLargeError(Exception):
-    """A bitstream declares an image above the pixel limit."""
-
-    def __init__(self, header: Header) -> None:
-        super().__init__(f"the stream declares {header.width}x{header.height} pixels")
-        self.header = header
+    @property
+    def pixels(self) -> int:
+        """Padded pixels of each image of the batch (what the cost model counts)."""
+        return self.padded_height * self.padded_width
 
 
 def resolve_device(device: str) -> str:
@@ -83,7 +85,10 @@ class Engine:
         self.error: str | None = None
         self.codec: Codec | None = None
         self.warmed: tuple[float, ...] = ()
+        self.costs = CostModel()
         self._ready = threading.Event()
+        for operation in OPERATIONS:
+            metrics.track_cost(operation, self._cost_reader(operation))
 
     @property
     def ready(self) -> bool:
@@ -120,6 +125,7 @@ class Engine:
                 self.codec.warmup(qualities=[quality])
                 self.warmed = (*self.warmed, quality)
                 self.metrics.models_loaded.set(len(self.warmed))
+            self._calibrate()
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = ModelState.FAILED
@@ -135,6 +141,45 @@ class Engine:
             list(self.warmed),
             time.perf_counter() - started,
         )
+
+    def _calibrate(self) -> None:
+        """Time a compress and a decompress of one image of each calibration size; fit the cost model."""
+        codec = self.require_codec()
+        quality = self.settings.qualities[len(self.settings.qualities) // 2]
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for side in CALIBRATION_SIDES]
+        best = {(operation, side): float("inf") for operation in OPERATIONS for side in CALIBRATION_SIDES}
+        for _ in range(CALIBRATION_RUNS):  # sizes interleaved: a stall spoils one run, not one size
+            for side, image in zip(CALIBRATION_SIDES, images, strict=True):
+                started = time.perf_counter()
+                stream = codec.compress(image, quality)
+                coded = time.perf_counter()
+                codec.decompress(stream)
+                best[COMPRESS, side] = min(best[COMPRESS, side], coded - started)
+                best[DECOMPRESS, side] = min(best[DECOMPRESS, side], time.perf_counter() - coded)
+        small, large = CALIBRATION_SIDES
+        for operation in OPERATIONS:
+            self.costs.calibrate(
+                operation, (small * small, best[operation, small]), (large * large, best[operation, large])
+            )
+            fixed, per_pixel = self.costs.parameters(operation)
+            logger.info(
+                "cost model: %s takes %.1f ms + %.3f s per megapixel per image",
+                operation,
+                fixed * 1e3,
+                per_pixel * 1e6,
+            )
+
+    def _cost_reader(self, operation: str) -> Callable[[], tuple[float, float]]:
+        """``(fixed seconds, seconds per pixel)`` of ``operation``, zeros before calibration."""
+
+        def read() -> tuple[float, float]:
+            try:
+                return self.costs.parameters(operation)
+            except KeyError:
+                return 0.0, 0.0
+
+        return read
 
     def _configure_torch(self) -> None:
         """Apply the thread settings before any model work."""
@@ -176,44 +221,16 @@ class Engine:
         padded_h, padded_w = self.require_codec().padded_shape(header.height, header.width)
         return BatchKey(DECOMPRESS, float(header.quality), padded_h, padded_w)
 
-    def read_header(self, data: bytes) -> Header:
-        """Parse a stream's header within the pixel limit and check that this model made it.
+    def parse(self, data: bytes) -> Container:
+        """Parse a stream once (header, both CRCs) within the pixel limit and check that this model
+        decodes it; the worker decodes the returned container without parsing it again.
 
         Raises:
-            StreamTooLargeError: the header is well formed but declares more than ``max_pixels`` pixels.
+            PixelLimitError: the header is well formed but declares more than ``max_pixels`` pixels.
             ModelMismatchError: another model (or other weights) made the stream.
-            BitstreamError: anything else wrong with the header.
+            BitstreamError: anything else wrong with the stream.
         """
-        from model.bitstream import BitstreamError
-
-        codec = self.require_codec()
-        try:
-            header = codec.read_header(data, max_pixels=self.settings.max_pixels)
-        except BitstreamError:
-            try:
-                probe = codec.read_header(data, max_pixels=_HEADER_PROBE_PIXELS)
-            except BitstreamError:
-                probe = None
-            if probe is not None and probe.pixels > self.settings.max_pixels:
-                raise StreamTooLargeError(probe) from None
-            raise
-        maker = self._maker(header)
-        if header.model_id != maker.model_id or header.weights_digest.hex() != maker.weights_digest:
-            raise ModelMismatchError(
-                f"the stream was made by {header.model_id}@{header.weights_digest.hex()}, "
-                f"this server runs {maker.model_id}@{maker.weights_digest}"
-            )
-        return header
-
-    def _maker(self, header: Header) -> Codec:
-        """The codec that must have made a stream: with a set of per-quality networks
-        (:class:`model.codecset.CodecSet`), its network of the header's quality."""
-        codec = self.require_codec()
-        from model.codecset import CodecSet  # after require_codec: torch is loaded
-
-        if isinstance(codec, CodecSet) and header.quality in codec.loaded:
-            return codec.codec(header.quality)
-        return codec
+        return self.require_codec().parse(data, max_pixels=self.settings.max_pixels)
 
     def quality_served(self, quality: float) -> bool:
         """Whether the loaded codec codes ``quality``: a value between loaded anchors for a variable-rate
@@ -247,21 +264,55 @@ class Engine:
 
     # -- batch execution (worker thread) ------------------------------------------------------
 
-    def run_batch(self, jobs: Sequence[Job]) -> list[Any]:
-        """Run jobs sharing one :class:`BatchKey`: images to streams, or streams to images."""
+    def estimate(self, key: BatchKey) -> float:
+        """Estimated seconds to run one job of ``key`` (the cost model is fitted once ready)."""
+        return self.costs.estimate(key.operation, key.pixels)
+
+    def run_batch(self, jobs: Sequence[Job], checkpoint: Callable[[], None]) -> list[Any]:
+        """Run jobs sharing one :class:`BatchKey`: images to streams, or streams to images.
+
+        ``checkpoint`` goes to the codec, which calls it between stages and tiles.
+        """
         codec = self.require_codec()
         key: BatchKey = jobs[0].key
         timings: dict[str, float] = {}
+        payloads = [job.payload for job in jobs]
         results: list[Any]
         if key.operation == COMPRESS:
-            results = list(codec.compress_batch([job.payload for job in jobs], key.quality, timings=timings))
-        else:
-            payloads = [job.payload for job in jobs]
             results = list(
-                codec.decompress_batch(payloads, timings=timings, max_pixels=self.settings.max_pixels)
+                codec.compress_batch(payloads, key.quality, timings=timings, checkpoint=checkpoint)
+            )
+        else:
+            results = list(
+                codec.decompress_batch(
+                    payloads, timings=timings, max_pixels=self.settings.max_pixels, checkpoint=checkpoint
+                )
             )
         self.metrics.observe_timings(key.operation, timings)
         return results
+
+    def observe_run(self, jobs: Sequence[Job], seconds: float) -> None:
+        """Teach the cost model how long a finished batch took."""
+        key: BatchKey = jobs[0].key
+        self.costs.observe(key.operation, key.pixels, len(jobs), seconds)
+
+    def observe_abandoned(self, jobs: Sequence[Job], seconds: float) -> None:
+        """Count a batch stopped past its deadline; if it had already run longer than estimated, the
+        estimate was low, and that time (a lower bound of the true cost) teaches the cost model."""
+        key: BatchKey = jobs[0].key
+        self.metrics.jobs_abandoned.labels(operation=key.operation).inc(len(jobs))
+        estimated = sum(job.cost for job in jobs)
+        logger.warning(
+            "abandoned a %s batch of %d %dx%d job(s) past its deadline after %.2f s (estimated %.2f s)",
+            key.operation,
+            len(jobs),
+            key.padded_width,
+            key.padded_height,
+            seconds,
+            estimated,
+        )
+        if seconds > estimated:
+            self.costs.observe(key.operation, key.pixels, len(jobs), seconds)
 
     def observe_batch(self, jobs: Sequence[Job]) -> None:
         """Record the size of a batch about to run and how long its jobs waited."""
@@ -270,9 +321,3 @@ class Engine:
         wait = self.metrics.queue_wait.labels(operation=operation)
         for job in jobs:
             wait.observe(job.started - job.enqueued)
-
-
-def bits_per_pixel(stream: bytes, image: np.ndarray) -> float:
-    """Bits per pixel of ``stream`` for ``image`` (H, W, 3)."""
-    height, width = image.shape[:2]
-    return len(stream) * 8.0 / (height * width)

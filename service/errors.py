@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 from fastapi import FastAPI, Request
@@ -25,6 +26,8 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
+    HEADERS_TOO_LARGE = "headers_too_large"
     TOO_MANY_PIXELS = "too_many_pixels"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     INVALID_PARAMETER = "invalid_parameter"
@@ -33,6 +36,7 @@ class ErrorCode(StrEnum):
     QUEUE_FULL = "queue_full"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     SHUTTING_DOWN = "shutting_down"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
 
 
 class ServiceError(Exception):
@@ -48,9 +52,14 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: ``seconds`` rounded up to whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds))) if math.isfinite(seconds) else "1"
+
+
 def unavailable(code: ErrorCode, detail: str, retry_after_s: float = 1.0) -> ServiceError:
-    """A 503 error with a ``Retry-After`` header (whole seconds, at least 1)."""
-    return ServiceError(503, code, detail, {"Retry-After": str(max(1, round(retry_after_s)))})
+    """A 503 error with a ``Retry-After`` header (whole seconds, rounded up, at least 1)."""
+    return ServiceError(503, code, detail, {"Retry-After": retry_after(retry_after_s)})
 
 
 def error_response(

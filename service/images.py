@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, features
@@ -51,11 +52,20 @@ def _too_many_pixels(detail: str) -> ServiceError:
     return ServiceError(413, ErrorCode.TOO_MANY_PIXELS, detail)
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray:
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    min_side: int,
+    check_size: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Decode a request image to uint8 RGB (H, W, 3), checking its size before decoding pixels.
 
+    ``check_size(height, width)`` runs once the declared size passed the limits, before any pixel
+    is decoded (admission control: it raises to refuse).
+
     Raises:
-        ServiceError: 413 too many pixels, 400 undecodable or too small.
+        ServiceError: 413 too many pixels, 400 undecodable or too small; whatever ``check_size`` raises.
     """
     from model.image import to_rgb
 
@@ -76,6 +86,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> np.ndarray:
             raise ServiceError(
                 400, ErrorCode.IMAGE_TOO_SMALL, f"{width}x{height} is below the minimum side of {min_side}"
             )
+        if check_size is not None:
+            check_size(height, width)
         try:
             rgb = to_rgb(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -143,10 +143,42 @@ class Metrics:
         )
         self.in_flight = Gauge("lalic_in_flight_requests", "Requests being handled.", registry=r)
         self.models_loaded = Gauge("lalic_models_loaded", "Quality models loaded and warmed up.", registry=r)
+        self.jobs_abandoned = Counter(
+            "lalic_jobs_abandoned_total",
+            "Jobs stopped while running because their deadline passed.",
+            ["operation"],
+            registry=r,
+        )
+        self.queue_drain = Gauge(
+            "lalic_queue_drain_seconds",
+            "Estimated seconds until every queued and running job is done (the cost model's view).",
+            registry=r,
+        )
+        self.cost_fixed = Gauge(
+            "lalic_cost_fixed_seconds",
+            "Cost model: estimated overhead per image, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.cost_per_megapixel = Gauge(
+            "lalic_cost_seconds_per_megapixel",
+            "Cost model: estimated seconds per megapixel (padded), by operation.",
+            ["operation"],
+            registry=r,
+        )
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         """Make ``lalic_queue_depth`` read ``depth()`` at every scrape."""
         self.queue_depth.set_function(depth)
+
+    def track_queue_drain(self, drain_s: Callable[[], float]) -> None:
+        """Make ``lalic_queue_drain_seconds`` read ``drain_s()`` at every scrape."""
+        self.queue_drain.set_function(drain_s)
+
+    def track_cost(self, operation: str, parameters: Callable[[], tuple[float, float]]) -> None:
+        """Make the cost gauges of ``operation`` read ``parameters()`` = (fixed s, s per pixel) at scrape."""
+        self.cost_fixed.labels(operation=operation).set_function(lambda: parameters()[0])
+        self.cost_per_megapixel.labels(operation=operation).set_function(lambda: parameters()[1] * 1e6)
 
     def observe_timings(self, operation: str, timings: dict[str, float]) -> None:
         """Record a batch's per-stage timings as reported by the codec."""

@@ -32,6 +32,11 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode("latin-1")
 
 
+def request_started(scope: Scope) -> float:
+    """The ``time.monotonic()`` at which the request of ``scope`` arrived (now, if not recorded)."""
+    return scope.get("state", {}).get(STARTED_STATE_KEY, time.monotonic())
+
+
 class _Traffic:
     """Wraps an ASGI ``receive``/``send`` pair, counting body bytes each way and keeping the status."""
 

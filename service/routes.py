@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from model.bitstream import BitstreamError
+from model.bitstream import BitstreamError, ModelMismatchError, PixelLimitError
+from model.metrics import bits_per_pixel
 from service.body import MULTIPART_FORM, extract_form_file, media_type_of, read_body
-from service.engine import ModelMismatchError, StreamTooLargeError, bits_per_pixel
 from service.errors import ErrorCode, ServiceError
-from service.formats import FORMAT_ALIASES, encode_image, negotiate
+from service.formats import (
+    FORMAT_ALIASES,
+    FORMAT_FALLBACK_HEADER,
+    FormatLimitError,
+    encode_image,
+    negotiate,
+)
 from service.images import INPUT_MEDIA_TYPES, decode_image, is_input_media_type
 from service.metrics import quality_label
 from service.middleware import QUALITY_STATE_KEY, QUALITY_VALUE_STATE_KEY
@@ -47,9 +54,9 @@ def _set_quality_label(request: Request, quality: float) -> str:
     return label
 
 
-def _format_quality(quality: float) -> str:
-    """``3`` for whole qualities, else the shortest exact float text."""
-    return str(int(quality)) if float(quality).is_integer() else repr(float(quality))
+def format_quality(quality: float) -> str:
+    """The quality a stream holds (float32), as the shortest text that reads back to it: ``3``, ``3.37``."""
+    return np.format_float_positional(np.float32(quality), trim="-")
 
 
 def _unsupported_media_type(media_type: str, accepted: list[str]) -> ServiceError:
@@ -67,7 +74,7 @@ async def _read_image_bytes(request: Request, runtime: Runtime) -> bytes:
     media_type = media_type_of(content_type)
     accepted = [*INPUT_MEDIA_TYPES, MULTIPART_FORM]
     if media_type == MULTIPART_FORM:
-        body = await read_body(request, runtime.settings.max_body_bytes)
+        body = await read_body(request, runtime.settings.max_body_bytes, runtime.settings.body_timeout_s)
         part = await run_in_threadpool(extract_form_file, body, content_type, IMAGE_FIELD)
         if part.media_type not in ("", "application/octet-stream") and not is_input_media_type(
             part.media_type
@@ -76,7 +83,7 @@ async def _read_image_bytes(request: Request, runtime: Runtime) -> bytes:
         return part.data
     if not is_input_media_type(media_type):
         raise _unsupported_media_type(media_type, accepted)
-    return await read_body(request, runtime.settings.max_body_bytes)
+    return await read_body(request, runtime.settings.max_body_bytes, runtime.settings.body_timeout_s)
 
 
 @router.post(
@@ -117,15 +124,20 @@ async def compress(
         )
     deadline = runtime.deadline_of(request)
     data = await _read_image_bytes(request, runtime)
+
+    def admit(height: int, width: int) -> None:  # before the pixels are decoded
+        runtime.admit(engine.compress_key(height, width, quality), height, width, deadline)
+
     image = await run_in_threadpool(
-        decode_image, data, max_pixels=settings.max_pixels, min_side=settings.min_side
+        decode_image, data, max_pixels=settings.max_pixels, min_side=settings.min_side, check_size=admit
     )
     height, width = image.shape[:2]
-    stream: bytes = await runtime.run(engine.compress_key(height, width, quality), image, deadline)
-    bpp = bits_per_pixel(stream, image)
+    key = engine.compress_key(height, width, quality)
+    stream: bytes = await runtime.run(key, image, deadline, height, width)
+    bpp = bits_per_pixel(len(stream), height, width)
     runtime.metrics.bits_per_pixel.labels(quality=label).observe(bpp)
     headers = {
-        "X-Lalic-Quality": _format_quality(quality),
+        "X-Lalic-Quality": format_quality(quality),
         "X-Lalic-Width": str(width),
         "X-Lalic-Height": str(height),
         "X-Lalic-Bytes": str(len(stream)),
@@ -155,33 +167,42 @@ async def decompress(
     media_type = media_type_of(request.headers.get("content-type"))
     if media_type not in BITSTREAM_INPUT_TYPES:
         raise _unsupported_media_type(media_type, [BITSTREAM_MEDIA_TYPE, "application/octet-stream"])
-    data = await read_body(request, runtime.settings.max_body_bytes)
+    data = await read_body(request, runtime.settings.max_body_bytes, runtime.settings.body_timeout_s)
     try:
-        header = engine.read_header(data)
-    except StreamTooLargeError as exc:
+        container = engine.parse(data)  # the one parse: the worker decodes this container
+    except PixelLimitError as exc:
+        declared = f"the stream declares {exc.header.width}x{exc.header.height} pixels"
         raise ServiceError(
-            413, ErrorCode.TOO_MANY_PIXELS, f"{exc}, above the limit of {runtime.settings.max_pixels}"
+            413, ErrorCode.TOO_MANY_PIXELS, f"{declared}, above the limit of {runtime.settings.max_pixels}"
         ) from None
     except ModelMismatchError as exc:
         raise ServiceError(400, ErrorCode.MODEL_MISMATCH, str(exc)) from None
     except BitstreamError as exc:
         raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
+    header = container.header
     _set_quality_label(request, header.quality)
+    requested = FORMAT_ALIASES[output_format] if output_format else None
+    try:  # before decoding: the header knows the size
+        choice = negotiate(requested, request.headers.get("accept"), header.width, header.height)
+    except FormatLimitError as exc:
+        raise ServiceError(422, ErrorCode.INVALID_PARAMETER, str(exc)) from None
     try:
-        image = await runtime.run(engine.decompress_key(header), data, deadline)
+        key = engine.decompress_key(header)
+        image = await runtime.run(key, container, deadline, header.height, header.width)
     except ValueError as exc:  # BitstreamError, or the codec refusing what the stream asks for
         raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
-    fmt = negotiate(FORMAT_ALIASES[output_format] if output_format else None, request.headers.get("accept"))
-    body = await run_in_threadpool(encode_image, image, fmt)
+    body = await run_in_threadpool(encode_image, image, choice.format)
     headers = {
         "Vary": "Accept",
-        "X-Lalic-Quality": _format_quality(header.quality),
+        "X-Lalic-Quality": format_quality(header.quality),
         "X-Lalic-Width": str(header.width),
         "X-Lalic-Height": str(header.height),
         "X-Lalic-Bytes": str(len(data)),
-        "X-Lalic-Bpp": f"{len(data) * 8.0 / header.pixels:.6f}",
+        "X-Lalic-Bpp": f"{bits_per_pixel(len(data), header.height, header.width):.6f}",
     }
-    return Response(body, media_type=fmt.media_type, headers=headers)
+    if choice.passed_over:
+        headers[FORMAT_FALLBACK_HEADER] = ", ".join(fmt.value for fmt in choice.passed_over)
+    return Response(body, media_type=choice.format.media_type, headers=headers)
 
 
 @router.get("/v1/models", summary="The loaded model", responses={503: UNAVAILABLE})

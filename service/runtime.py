@@ -1,18 +1,28 @@
-"""The per-app runtime: settings, metrics, engine and worker, and the event-loop side of the queue."""
+"""The per-app runtime: settings, metrics, engine and worker, and the event-loop side of the queue.
+
+Admission control: before a job is queued, the cost model (:mod:`service.cost`) estimates its run
+time and the worker the time before it would start (:meth:`service.worker.BatchWorker.backlog_s`).
+With ``admission_factor`` f, a job that needs f x its run time > ``request_timeout_s`` even on an
+idle worker is refused with 413 (the message names the largest image this deployment serves), and
+one that needs f x (wait + run time) > the time left to its deadline with 503 ``deadline_exceeded``
+at once; Retry-After says when a fresh request would fit (from the estimated drain time), never a
+constant. Work that is admitted and still runs late is stopped at its deadline by the worker.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 
-from service.engine import BatchKey, Engine
+from service.engine import COMPRESS, BatchKey, Engine
 from service.errors import ErrorCode, ServiceError, unavailable
 from service.metrics import Metrics
-from service.middleware import STARTED_STATE_KEY
+from service.middleware import request_started
 from service.settings import Settings
 from service.worker import BatchWorker, DeadlineExceededError, Job, QueueFullError, WorkerClosedError
 
@@ -40,8 +50,11 @@ class Runtime:
             queue_size=settings.queue_size,
             startup=engine.load,
             on_batch=engine.observe_batch,
+            on_done=engine.observe_run,
+            on_abandoned=engine.observe_abandoned,
         )
         metrics.track_queue_depth(lambda: worker.depth)
+        metrics.track_queue_drain(worker.drain_s)
         metrics.queue_capacity.set(settings.queue_size)
         return cls(settings, metrics, engine, worker)
 
@@ -53,26 +66,72 @@ class Runtime:
             raise unavailable(ErrorCode.NOT_READY, self.engine.describe_state(), NOT_READY_RETRY_S)
         return self.engine
 
-    def _retry_after_s(self) -> float:
-        """A rough time until the queue drains: one batch delay plus a slot per waiting batch."""
-        batches = self.worker.depth / self.settings.max_batch_size + 1
-        return batches * max(self.settings.max_batch_delay_s, 0.1)
-
-    async def run(self, key: BatchKey, payload: Any, deadline: float) -> Any:
-        """Queue a job and await its result without blocking the event loop.
+    def admit(self, key: BatchKey, height: int, width: int, deadline: float) -> float:
+        """The estimated run time of a job of ``key`` for a ``width`` x ``height`` image, if it may run.
 
         Raises:
-            ServiceError: 503 when the queue is full, the worker is closing or ``deadline`` passes.
+            ServiceError: 413 when it cannot finish within ``request_timeout_s`` even on an idle worker,
+                503 ``deadline_exceeded`` when it cannot finish before ``deadline`` behind the queue.
+        """
+        cost = self.engine.estimate(key)
+        factor = self.settings.admission_factor
+        if factor == 0:
+            return cost
+        timeout = self.settings.request_timeout_s
+        if factor * cost > timeout:
+            raise ServiceError(413, ErrorCode.TOO_MANY_PIXELS, self._too_slow(key, height, width, cost))
+        backlog = self.worker.backlog_s(cost)
+        left = deadline - time.monotonic()
+        if factor * (backlog + cost) > left:
+            # a fresh request fits once the backlog has shrunk to timeout / factor - cost
+            wait = backlog - (timeout / factor - cost)
+            raise unavailable(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"{_verb(key)} {width}x{height} takes about {cost:.1f} s behind about {backlog:.1f} s "
+                f"of queued work, more than the {max(left, 0):.1f} s left of the "
+                f"{timeout:g} s request timeout",
+                wait,
+            )
+        return cost
+
+    def _too_slow(self, key: BatchKey, height: int, width: int, cost: float) -> str:
+        """The 413 detail: the estimate, and the largest image served within the request timeout."""
+        timeout = self.settings.request_timeout_s
+        budget = timeout / self.settings.admission_factor
+        pixels = min(self.engine.costs.largest_pixels(key.operation, budget), self.settings.max_pixels)
+        side = math.isqrt(pixels) // 64 * 64
+        largest = (
+            f"the largest image this deployment serves for {key.operation} is about "
+            f"{pixels / 1e6:.2f} megapixels (e.g. {side}x{side})"
+            if side
+            else f"no image fits the {timeout:g} s request timeout here"
+        )
+        return (
+            f"{_verb(key)} {width}x{height} would take about {cost:.1f} s here, more than the "
+            f"{timeout:g} s request timeout allows; {largest}"
+        )
+
+    def retry_after_s(self) -> float:
+        """When to retry after a refusal: the estimated time until the queue has drained."""
+        return self.worker.drain_s()
+
+    async def run(self, key: BatchKey, payload: Any, deadline: float, height: int, width: int) -> Any:
+        """Admit a job (:meth:`admit`), queue it and await its result without blocking the event loop.
+
+        Raises:
+            ServiceError: 413 or 503 from admission, 503 when the queue is full, the worker is closing
+                or ``deadline`` passes.
             Exception: whatever the codec raised for this job.
         """
         if time.monotonic() >= deadline:
             raise self._deadline_error()
-        job = Job(key=key, payload=payload, deadline=deadline)
+        cost = self.admit(key, height, width, deadline)
+        job = Job(key=key, payload=payload, deadline=deadline, cost=cost)
         try:
             future = self.worker.submit(job)
         except QueueFullError:
             raise unavailable(
-                ErrorCode.QUEUE_FULL, "too many requests are waiting; retry later", self._retry_after_s()
+                ErrorCode.QUEUE_FULL, "too many requests are waiting; retry later", self.retry_after_s()
             ) from None
         except WorkerClosedError:
             raise unavailable(ErrorCode.SHUTTING_DOWN, "the service is shutting down") from None
@@ -85,13 +144,17 @@ class Runtime:
         return unavailable(
             ErrorCode.DEADLINE_EXCEEDED,
             f"the request could not be served within {self.settings.request_timeout_s:g} s",
-            self._retry_after_s(),
+            self.retry_after_s(),
         )
 
     def deadline_of(self, request: Request) -> float:
         """The monotonic deadline of ``request``: its arrival plus ``request_timeout_s``."""
-        started = request.scope.get("state", {}).get(STARTED_STATE_KEY, time.monotonic())
-        return started + self.settings.request_timeout_s
+        return request_started(request.scope) + self.settings.request_timeout_s
+
+
+def _verb(key: BatchKey) -> str:
+    """How a 413/503 detail names the job: "compressing" or "decompressing" (to) a size."""
+    return "compressing" if key.operation == COMPRESS else "decompressing to"
 
 
 def get_runtime(request: Request) -> Runtime:

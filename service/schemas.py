@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.formats import FORMAT_FALLBACK_HEADER
 from service.images import INPUT_MEDIA_TYPES
 
 BITSTREAM_MEDIA_TYPE = "application/x-lalic"
@@ -99,13 +100,31 @@ def error(description: str, model: type[BaseModel] = ErrorBody) -> dict[str, Any
     return {"model": model, "description": description}
 
 
-UNAVAILABLE = error("not_ready, queue_full, deadline_exceeded or shutting_down; has Retry-After.")
+UNAVAILABLE = error(
+    "not_ready, queue_full, deadline_exceeded (at once when the estimated wait plus run time exceeds "
+    "the request's deadline, or once the deadline passed) or shutting_down; Retry-After (seconds) "
+    "comes from the estimated time for the queue to drain."
+)
+REQUEST_TIMEOUT = error("request_timeout: the body did not arrive within body_timeout_s; then closed.")
+TOO_LARGE_FOR_TIME = (
+    "too_many_pixels also when the cost model estimates that the image cannot be coded within "
+    "request_timeout_s even on an idle worker (the detail names the largest size served)"
+)
 LALIC_HEADERS = {
     "X-Lalic-Quality": {"description": "Quality of the stream.", "schema": {"type": "string"}},
     "X-Lalic-Width": {"description": "Image width in pixels.", "schema": {"type": "string"}},
     "X-Lalic-Height": {"description": "Image height in pixels.", "schema": {"type": "string"}},
     "X-Lalic-Bytes": {"description": "Bitstream size in bytes.", "schema": {"type": "string"}},
     "X-Lalic-Bpp": {"description": "Bits per pixel of the stream.", "schema": {"type": "string"}},
+}
+DECOMPRESS_HEADERS = {
+    **LALIC_HEADERS,
+    FORMAT_FALLBACK_HEADER: {
+        "description": "Only when Accept named formats that cannot hold the image's size (WebP sides "
+        "are at most 16383 pixels, JPEG 65500): those formats, comma-separated; the body is in the "
+        "best acceptable format that can (PNG at worst).",
+        "schema": {"type": "string"},
+    },
 }
 
 COMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -115,7 +134,8 @@ COMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
         "headers": LALIC_HEADERS,
     },
     400: error("bad_image, image_too_small or bad_request (malformed body)."),
-    413: error("payload_too_large (body) or too_many_pixels (image)."),
+    408: REQUEST_TIMEOUT,
+    413: error(f"payload_too_large (body) or too_many_pixels (image); {TOO_LARGE_FOR_TIME}."),
     415: error("unsupported_media_type."),
     422: error("invalid_parameter: quality missing, out of range or not served; no 'image' form field."),
     503: UNAVAILABLE,
@@ -128,12 +148,18 @@ DECOMPRESS_RESPONSES: dict[int | str, dict[str, Any]] = {
             "image/jpeg": {"schema": BINARY},
         },
         "description": "The decoded image.",
-        "headers": LALIC_HEADERS,
+        "headers": DECOMPRESS_HEADERS,
     },
     400: error("bad_bitstream, model_mismatch or bad_request."),
-    413: error("payload_too_large (body) or too_many_pixels (declared in the stream header)."),
+    408: REQUEST_TIMEOUT,
+    413: error(
+        f"payload_too_large (body) or too_many_pixels (declared in the stream header); {TOO_LARGE_FOR_TIME}."
+    ),
     415: error("unsupported_media_type."),
-    422: error("invalid_parameter: unknown format."),
+    422: error(
+        "invalid_parameter: unknown format, or an explicit format that cannot hold the image's size "
+        "(WebP sides are at most 16383 pixels, JPEG 65500; PNG holds any)."
+    ),
     503: UNAVAILABLE,
 }
 COMPRESS_BODY = {

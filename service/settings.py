@@ -32,12 +32,19 @@ API_KEY_MIN_LENGTH = 16
 API_KEY_MAX_LENGTH = 256
 
 
+API_KEY_RULE = (
+    f"each API key must have {API_KEY_MIN_LENGTH}..{API_KEY_MAX_LENGTH} visible ASCII characters "
+    "(no spaces, no commas)"
+)
+"""The rule for API keys, as the start-up error and the documentation state it."""
+
+
 def _check_key(key: str) -> None:
     """An API key is 16..256 visible ASCII characters (no spaces, no commas); the key is never echoed."""
     if not API_KEY_MIN_LENGTH <= len(key) <= API_KEY_MAX_LENGTH:
-        raise ValueError(f"API keys must have {API_KEY_MIN_LENGTH}..{API_KEY_MAX_LENGTH} characters")
+        raise ValueError(f"a key has {len(key)} characters; {API_KEY_RULE}")
     if not all("!" <= ch <= "~" and ch != "," for ch in key):
-        raise ValueError("API keys must be visible ASCII characters without commas")
+        raise ValueError(f"a key has a space, comma or non-ASCII character; {API_KEY_RULE}")
 
 
 class Settings(BaseSettings):
@@ -78,7 +85,51 @@ class Settings(BaseSettings):
     )
     min_side: int = Field(1, ge=1, description="Smallest accepted image width or height, in pixels.")
     request_timeout_s: float = Field(
-        30.0, gt=0, description="Per-request deadline in seconds; requests that cannot meet it get 503."
+        30.0,
+        gt=0,
+        description="Per-request deadline in seconds; a request that cannot meet it gets 503 at once "
+        "(413 for an image too large to ever meet it), and work past it is abandoned.",
+    )
+    admission_factor: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="Safety factor on the cost model's estimates when admitting work: a request is "
+        "refused at once when factor x (estimated wait + run time) exceeds its remaining deadline, and "
+        "with 413 when factor x its run time on an idle worker exceeds request_timeout_s. Above 1 "
+        "refuses earlier; below 1 admits work that may be abandoned at its deadline; 0 turns "
+        "admission control off (deadlines are still enforced while running).",
+    )
+    max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        le=1 << 20,
+        description="Largest request line plus headers, in bytes; beyond it the server answers 431 and "
+        "closes the connection.",
+    )
+    max_header_count: int = Field(
+        100, ge=8, le=10_000, description="Most request headers; more get 431 and the connection closed."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send the request line and headers, from connecting or "
+        "from the end of the previous response; then 408 (or a silent close if it sent nothing).",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client has to send the whole body once the headers arrived; then 408 "
+        "and the connection is closed.",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="Most open client connections; requests on connections beyond it get 503 "
+        "too_many_connections and the connection is closed.",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the worker; unset = torch's default."
@@ -100,8 +151,9 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (),
-        description="API keys (comma-separated); when any key is set (here or in api_keys_file), "
-        "requests need 'Authorization: Bearer <key>'. Prefer api_keys_file: flags show in ps.",
+        description="API keys (comma-separated), each 16..256 visible ASCII characters without spaces "
+        "or commas; when any key is set (here or in api_keys_file), requests need "
+        "'Authorization: Bearer <key>'. Prefer api_keys_file: flags show in ps.",
     )
     api_keys_file: Path | None = Field(
         None,
@@ -146,9 +198,12 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _check_api_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        """Keys are visible ASCII without spaces or commas (what fits a Bearer token)."""
-        for key in value:
-            _check_key(key.get_secret_value())
+        """Keys are 16..256 visible ASCII characters without spaces or commas (what fits a Bearer token)."""
+        for number, key in enumerate(value, 1):
+            try:
+                _check_key(key.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"key {number} of {len(value)}: {exc}") from None
         return value
 
     @field_validator("log_level", mode="before")

@@ -6,9 +6,11 @@ import io
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,31 @@ def encode(image: np.ndarray | Image.Image, fmt: str = "PNG", **options: Any) ->
     buffer = io.BytesIO()
     pil.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def grey_png(width: int, height: int, level: int = 128) -> bytes:
+    """A flat grey RGB PNG, built row by row (a 6000x6000 one is 117 KB and never held decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    deflate = zlib.compressobj(9)
+    parts = [deflate.compress(b"\0" + bytes([level]) * (3 * width))]  # filter None: the grey row
+    repeat = b"\2" + b"\0" * (3 * width)  # filter Up: the row above
+    parts += [deflate.compress(repeat) for _ in range(height - 1)]
+    parts.append(deflate.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A 16x16 JPEG (about 630 bytes) whose frame header claims ``width`` x ``height``."""
+    data = bytearray(encode(test_image(16, 16), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
 
 
 def decode(data: bytes) -> np.ndarray:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.body import extract_form_file, media_type_of
 from service.errors import ServiceError
-from service.formats import OutputFormat, encode_image, negotiate
+from service.formats import MAX_SIDE, Choice, FormatLimitError, OutputFormat, encode_image, negotiate
 from service.metrics import endpoint_label, quality_label, status_class
 
 
@@ -31,13 +31,64 @@ from service.metrics import endpoint_label, quality_label, status_class
     ],
 )
 def test_negotiate(format_param: OutputFormat | None, accept: str | None, expected: OutputFormat) -> None:
-    assert negotiate(format_param, accept) is expected
+    assert negotiate(format_param, accept, 768, 512) == Choice(expected)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(max_size=200))
-def test_negotiate_never_fails(accept: str) -> None:
-    assert negotiate(None, accept) in OutputFormat
+@given(st.text(max_size=200), st.integers(1, 100_000), st.integers(1, 100_000))
+def test_negotiate_never_fails(accept: str, width: int, height: int) -> None:
+    choice = negotiate(None, accept, width, height)
+    assert choice.format in OutputFormat and max(width, height) <= MAX_SIDE[choice.format]
+
+
+def test_every_encoder_limit_is_pillows() -> None:
+    """Each format holds exactly MAX_SIDE pixels a side; one more is refused before Pillow fails."""
+    assert MAX_SIDE == {OutputFormat.PNG: 2**31 - 1, OutputFormat.WEBP: 16383, OutputFormat.JPEG: 65500}
+    for fmt in (OutputFormat.WEBP, OutputFormat.JPEG):
+        side = MAX_SIDE[fmt]
+        for shape in ((1, side, 3), (side, 1, 3)):
+            decoded = Image.open(io.BytesIO(encode_image(np.zeros(shape, dtype=np.uint8), fmt)))
+            assert decoded.size == (shape[1], shape[0])
+        for shape in ((1, side + 1, 3), (side + 1, 1, 3)):
+            with pytest.raises(FormatLimitError, match=f"at most {side} pixels"):
+                encode_image(np.zeros(shape, dtype=np.uint8), fmt)
+            buffer = io.BytesIO()  # what encode_image spares the service: Pillow's own failure
+            with pytest.raises((ValueError, OSError)):
+                Image.fromarray(np.zeros(shape, dtype=np.uint8)).save(buffer, format=fmt.name)
+    assert Image.open(io.BytesIO(encode_image(np.zeros((1, 70_000, 3), np.uint8), OutputFormat.PNG)))
+
+
+@pytest.mark.parametrize(
+    ("accept", "width", "height", "expected"),
+    [
+        ("image/webp", 16384, 8, Choice(OutputFormat.PNG, (OutputFormat.WEBP,))),
+        ("image/webp", 8, 16384, Choice(OutputFormat.PNG, (OutputFormat.WEBP,))),
+        ("image/webp", 16383, 8, Choice(OutputFormat.WEBP)),
+        ("image/webp, image/jpeg;q=0.5", 20000, 8, Choice(OutputFormat.JPEG, (OutputFormat.WEBP,))),
+        (
+            "image/webp, image/jpeg;q=0.5",
+            65501,
+            8,
+            Choice(OutputFormat.PNG, (OutputFormat.WEBP, OutputFormat.JPEG)),
+        ),
+        ("image/jpeg, image/jpg", 65501, 8, Choice(OutputFormat.PNG, (OutputFormat.JPEG,))),
+        ("image/webp;q=0.9, */*", 20000, 8, Choice(OutputFormat.PNG)),
+        ("image/webp, */*;q=0.1", 20000, 8, Choice(OutputFormat.PNG, (OutputFormat.WEBP,))),
+    ],
+)
+def test_negotiation_passes_over_formats_too_small_for_the_image(
+    accept: str, width: int, height: int, expected: Choice
+) -> None:
+    assert negotiate(None, accept, width, height) == expected
+
+
+def test_an_explicit_format_too_small_for_the_image_is_refused() -> None:
+    with pytest.raises(FormatLimitError, match="format=webp cannot hold a 16384x8 image"):
+        negotiate(OutputFormat.WEBP, "image/png", 16384, 8)
+    with pytest.raises(FormatLimitError, match="JPEG sides are at most 65500"):
+        negotiate(OutputFormat.JPEG, None, 8, 65501)
+    assert negotiate(OutputFormat.JPEG, None, 8, 65500) == Choice(OutputFormat.JPEG)
+    assert negotiate(OutputFormat.PNG, "image/webp", 16384, 8) == Choice(OutputFormat.PNG)
 
 
 @pytest.mark.parametrize("fmt", list(OutputFormat))

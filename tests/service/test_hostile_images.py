@@ -28,7 +28,16 @@ from PIL import Image, features
 
 from model.image import to_rgb
 from service.images import PILLOW_FORMATS
-from tests.service.helpers import LALIC, Server, assert_error, decode, encode, start_server, test_image
+from tests.service.helpers import (
+    LALIC,
+    Server,
+    assert_error,
+    decode,
+    encode,
+    jpeg_declaring,
+    start_server,
+    test_image,
+)
 
 QUALITY = 3.0
 HOSTILE_SERVER_SETTINGS: dict[str, Any] = {
@@ -108,13 +117,6 @@ def ztxt_bomb_png() -> bytes:
     text = b"Comment\0\0" + zlib.compress(b"\0" * 64_000_000, 9)
     chunk = struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(">I", zlib.crc32(b"zTXt" + text))
     return data[:33] + chunk + data[33:]  # after the signature and IHDR
-
-
-def jpeg_declaring(width: int, height: int) -> bytes:
-    data = bytearray(encode(rgb(16, 16), "JPEG"))
-    sof = data.index(b"\xff\xc0")
-    struct.pack_into(">HH", data, sof + 5, height, width)
-    return bytes(data)
 
 
 def bmp_declaring(width: int, height: int) -> bytes:

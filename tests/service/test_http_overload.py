@@ -1,4 +1,8 @@
-"""A server with a one-slot queue and a short deadline sheds load with 503 + Retry-After."""
+"""A server with a one-slot queue and a short deadline sheds load with 503 + Retry-After.
+
+Admission control is off here (``admission_factor=0``): this is about the queue bound and deadlines
+passing while queued or running; tests/service/test_http_deadlines.py covers refusing at once.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ def overloaded(server_logs: Path) -> Iterator[Server]:
         max_batch_size=1,
         max_batch_delay_ms=0,
         request_timeout_s=DEADLINE_S,
+        admission_factor=0,
     )
     try:
         server.wait_ready()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.helpers import LALIC, PNG, Server, decode, encode, test_image
+from tests.service.helpers import LALIC, PNG, Server, assert_error, decode, encode, test_image
 
 QUALITIES = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 2.5]
 
@@ -129,3 +129,48 @@ def test_models_endpoint(main_server: Server, codec: Any) -> None:
     assert model["weights_digest"] == codec.weights_digest
     assert model["qualities"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert model["device"] == "cpu" and model["backend"] == "torch"
+
+
+@pytest.mark.parametrize(("quality", "shown"), [(3.37, "3.37"), (2.5, "2.5"), (4.0, "4"), (1.1, "1.1")])
+def test_both_endpoints_report_the_quality_the_same_way(
+    main_server: Server, quality: float, shown: str
+) -> None:
+    """The stream stores float32: both endpoints show its shortest text (not 3.369999885559082)."""
+    with main_server.client() as http:
+        compressed = http.post(
+            f"/compress?quality={quality}", content=encode(test_image(32, 48)), headers=PNG
+        )
+        assert compressed.headers["x-lalic-quality"] == shown
+        restored = http.post("/decompress", content=compressed.content, headers=LALIC)
+        assert restored.headers["x-lalic-quality"] == shown
+
+
+def test_an_image_wider_than_webp_allows_never_gets_a_500(main_server: Server, codec: Any) -> None:
+    """WebP sides stop at 16383 pixels: format=webp is refused (422), Accept falls back (issue 36)."""
+    width, height = 16400, 8
+    stream = codec.compress(np.full((height, width, 3), 128, dtype=np.uint8), 3.0)
+    with main_server.client(timeout=300) as http:
+        refused = http.post("/decompress?format=webp", content=stream, headers=LALIC)
+        assert assert_error(refused, 422, "invalid_parameter")["detail"] == (
+            "format=webp cannot hold a 16400x8 image (WEBP sides are at most 16383 pixels); "
+            "ask for png, which holds any size"
+        )
+
+        fallback = http.post("/decompress", content=stream, headers={**LALIC, "accept": "image/webp"})
+        assert fallback.status_code == 200, fallback.text
+        assert fallback.headers["content-type"] == "image/png"
+        assert fallback.headers["x-lalic-format-fallback"] == "webp"
+        assert decode(fallback.content).shape == (height, width, 3)
+
+        second_choice = http.post(
+            "/decompress", content=stream, headers={**LALIC, "accept": "image/webp, image/jpeg;q=0.8"}
+        )
+        assert second_choice.status_code == 200, second_choice.text
+        assert second_choice.headers["content-type"] == "image/jpeg"
+        assert second_choice.headers["x-lalic-format-fallback"] == "webp"
+        assert Image.open(io.BytesIO(second_choice.content)).size == (width, height)
+
+        plain = http.post(
+            "/decompress", content=stream, headers=LALIC
+        )  # no header when nothing was passed over
+        assert plain.status_code == 200 and "x-lalic-format-fallback" not in plain.headers

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from model.malloc import MALLOC_THRESHOLD
-from service.cli import add_serve_arguments, settings_from_args
+from service.cli import add_serve_arguments, run_serve, settings_from_args
 from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+LIMITS = (
+    "admission_factor",
+    "max_header_bytes",
+    "max_header_count",
+    "header_timeout_s",
+    "body_timeout_s",
+    "keep_alive_timeout_s",
+    "max_connections",
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -89,3 +101,36 @@ def test_entropy_thread_default_matches_the_codec() -> None:
     from model.codec import ENTROPY_THREADS
 
     assert Settings.model_fields["entropy_threads"].default == ENTROPY_THREADS
+
+
+def test_short_api_keys_refuse_to_start_with_the_rule_stated(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LALIC_API_KEYS", "k1,k2")
+    assert run_serve(parse([])) == 2  # refused before anything starts
+    assert capsys.readouterr().err == (
+        "invalid settings:\n"
+        "  api_keys (LALIC_API_KEYS, --api-keys): key 1 of 2: a key has 2 characters; each API key must "
+        "have 16..256 visible ASCII characters (no spaces, no commas)\n"
+    )
+
+
+def test_the_limits_against_hostile_clients_are_settings_with_defaults() -> None:
+    fields = Settings.model_fields
+    defaults = {name: fields[name].default for name in LIMITS}
+    assert defaults == {
+        "admission_factor": 1.0,
+        "max_header_bytes": 16384,
+        "max_header_count": 100,
+        "header_timeout_s": 10.0,
+        "body_timeout_s": 30.0,
+        "keep_alive_timeout_s": 5.0,
+        "max_connections": 512,
+    }
+    readme = (REPO / "README.md").read_text()
+    for name, default in defaults.items():
+        assert f"| {name} | `LALIC_{name.upper()}` | {default:g} |" in readme
+    settings = settings_from_args(parse(["--max-header-bytes", "8192", "--header-timeout-s", "2.5"]))
+    assert settings.max_header_bytes == 8192 and settings.header_timeout_s == 2.5
+    with pytest.raises(ValidationError):
+        Settings(max_header_bytes=100)

@@ -85,5 +85,5 @@ def test_values_between_the_networks_and_foreign_streams_are_refused(server: Ser
         shipped = Codec.from_pretrained().compress(image, 3)
         body = assert_error(http.post("/decompress", content=shipped), 400, "model_mismatch")
         assert body["detail"].startswith(
-            "the stream was made by lalic-s@d0887e03b1845744, this server runs lalic-s-q3@"
+            "the stream was made by lalic-s@d0887e03b1845744, this codec is lalic-s-q3@"
         )
