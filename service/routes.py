@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from model.bitstream import BitstreamError, ModelMismatchError, PixelLimitError
+from model.bitstream import MAX_QUALITY, MIN_QUALITY, BitstreamError, ModelMismatchError, PixelLimitError
 from model.metrics import bits_per_pixel
 from service.body import MULTIPART_FORM, extract_form_file, media_type_of, read_body
 from service.errors import ErrorCode, ServiceError
@@ -99,8 +99,8 @@ async def compress(
     quality: Annotated[
         float,
         Query(
-            ge=1.0,
-            le=6.0,
+            ge=MIN_QUALITY,
+            le=MAX_QUALITY,
             allow_inf_nan=False,
             description="Quality 1 (smallest) .. 6 (best); any value between.",
         ),

@@ -9,8 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-QUALITY_MIN = 1.0
-QUALITY_MAX = 6.0
+from model.bitstream import MAX_QUALITY, MIN_QUALITY
 
 Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["torch", "torchscript", "onnxruntime"]
@@ -140,8 +139,8 @@ class Settings(BaseSettings):
         le=64,
         description="torch intra-op threads of the entropy-parameter path (h_s and the context "
         "networks), pinned whatever torch_threads says so that coding distributions never depend on "
-        "the caller's threads. 1 and 2 give identical bitstreams on our CPUs; 2 decodes 768x512 "
-        "about 60 ms faster on 2 cores.",
+        "the caller's threads. 1 and 2 give identical bitstreams on AVX-512 CPUs (not with AVX2 "
+        "kernels): keep encoders and decoders equal.",
     )
     log_level: LogLevel = Field("info", description="Log level of the service and uvicorn.")
     log_format: LogFormat = Field(
@@ -185,7 +184,7 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one quality is required")
         for quality in value:
-            if not float(quality).is_integer() or not QUALITY_MIN <= quality <= QUALITY_MAX:
+            if not float(quality).is_integer() or not MIN_QUALITY <= quality <= MAX_QUALITY:
                 raise ValueError(f"quality anchors are whole numbers in [1, 6], got {quality}")
         return tuple(sorted(set(value)))
 
@@ -249,6 +248,6 @@ class Settings(BaseSettings):
 
     def quality_served(self, quality: float) -> bool:
         """Whether ``quality`` lies in [1, 6] with both neighbouring anchors loaded."""
-        if not QUALITY_MIN <= quality <= QUALITY_MAX:
+        if not MIN_QUALITY <= quality <= MAX_QUALITY:
             return False
         return float(math.floor(quality)) in self.qualities and float(math.ceil(quality)) in self.qualities
