@@ -17,7 +17,8 @@ port, each ``--duration`` seconds:
    of the worst-case valid images of issue 36 every ``--worst-every`` seconds, ignoring Retry-After
    (a 6000x6000 flat grey PNG of 117 KB and a 632-byte JPEG claiming 6000x6000, both at the default
    ``max_pixels``, and a grey PNG of the largest size the server's cost model admits, about 60 % of
-   a deadline of work, shrunk to the size a 413 names whenever the estimates grew), and
+   a deadline of work, shrunk to the size a 413 names whenever the estimates grew, and by 15 % when
+   refused at once behind the normal load, grown back after a success), and
    ``--slow-clients`` raw connections that misbehave in turn: one header byte every 0.5 s, one body
    byte every 0.5 s, nothing at all, and an endless header (each reconnects 0.5 s after the server
    closed it).
@@ -61,6 +62,8 @@ ISSUE_SIDE = 6000
 """The issue's worst-case images: 6000x6000 (36 MP, the default max_pixels)."""
 LARGEST_SHARE = 0.6
 """The largest admitted image is sized to this share of the request timeout by the server's estimate."""
+BACK_OFF = 0.85
+"""Side factor of the largest admitted image after a 503 at once."""
 DRIP_EVERY_S = 0.5
 RSS_EVERY_S = 0.25
 SLOW_KINDS = ("header", "body", "idle", "endless")
@@ -111,7 +114,9 @@ class PeakRss:
 
 class Largest:
     """The largest image the server admits: a grey square sized from its cost model, shrunk to the
-    side a 413 names (``(e.g. NxN)``) when the estimates grew since."""
+    side a 413 names (``(e.g. NxN)``) when the estimates grew since, and by :data:`BACK_OFF` when
+    it is refused at once behind the normal load; grown back by as much (up to the first size)
+    after each success."""
 
     NAME = "largest admitted grey PNG"
 
@@ -122,15 +127,23 @@ class Largest:
         per_pixel = samples[("lalic_cost_seconds_per_megapixel", labels)] / 1e6
         pixels = max((LARGEST_SHARE * timeout_s - fixed) / per_pixel, 64 * 64)
         self.side = max(64, min(int(math.sqrt(pixels)) // 64 * 64, ISSUE_SIDE))
+        self.first = self.side
         self.body = grey_png(self.side, self.side)
         self.sides = [self.side]
 
-    async def shrink(self, detail: str) -> None:
-        """Adopt the largest side a 413 ``detail`` names, if smaller."""
-        if "(e.g. " not in detail:
+    async def adapt(self, status: int, detail: str) -> None:
+        """Shrink to the side a 413 ``detail`` names, or by :data:`BACK_OFF` after a 503 at once;
+        grow after a 200."""
+        if status == 413 and "(e.g. " in detail:
+            side = int(detail.rsplit("(e.g. ", 1)[1].split("x", 1)[0])
+            self.first = min(self.first, side)
+        elif status == 503 and detail.startswith("compressing "):  # refused at once, not after waiting
+            side = int(self.side * BACK_OFF) // 64 * 64
+        elif status == 200:
+            side = min(self.first, math.ceil(self.side / BACK_OFF / 64) * 64)
+        else:
             return
-        side = int(detail.rsplit("(e.g. ", 1)[1].split("x", 1)[0])
-        if 64 <= side < self.side:
+        if 64 <= side != self.side:
             self.side = side
             self.body = await asyncio.to_thread(grey_png, side, side)
             self.sides.append(side)
@@ -151,8 +164,9 @@ async def worst_client(
                     "/compress?quality=3", content=body, headers={"content-type": "image/png"}
                 )
                 results[f"{name}: {response.status_code}"] += 1
-                if name == Largest.NAME and response.status_code == 413:
-                    await largest.shrink(response.json()["detail"])
+                if name == Largest.NAME:
+                    detail = response.json()["detail"] if response.status_code >= 400 else ""
+                    await largest.adapt(response.status_code, detail)
             except httpx.HTTPError as exc:
                 results[f"{name}: {type(exc).__name__}"] += 1
             await asyncio.sleep(max(0.0, min(sent + every_s, stop) - time.perf_counter()))
