@@ -17,8 +17,11 @@ import pytest
 
 from tests.service.helpers import PNG, Server, encode, start_server, test_image
 
-DEADLINE_S = 0.25
+DEADLINE_S = 1.0
 FLOOD = 8
+SIDE = 1536
+"""A flat SIDE x SIDE PNG: a few KB that decode in milliseconds, whose compression takes well over
+DEADLINE_S (about 6x a 768x512 image), so every request reaches the queue while the first runs."""
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +53,9 @@ def flood(server: Server, body: bytes) -> list[httpx.Response]:
 
 
 def test_full_queue_and_missed_deadlines_are_503_with_retry_after(overloaded: Server) -> None:
-    # Compressing 640x640 takes well over DEADLINE_S on a CPU; a flat image decodes fast, so all
-    # requests reach the queue while the first one runs.
-    responses = flood(overloaded, encode(np.full((640, 640, 3), 128, dtype=np.uint8)))
+    # A 0.25 s deadline with a 640x640 image once let all eight requests expire while their PNGs
+    # were still being decoded on a busy machine, before any reached the queue.
+    responses = flood(overloaded, encode(np.full((SIDE, SIDE, 3), 128, dtype=np.uint8)))
     codes = [r.json()["error"] if r.status_code != 200 else "ok" for r in responses]
     assert "queue_full" in codes and "deadline_exceeded" in codes, codes
     for response in responses:
