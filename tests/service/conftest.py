@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.service.helpers import MAIN_SERVER_SETTINGS, TEST_BACKEND, Server, start_server
+from tests.service.helpers import MAIN_SERVER_SETTINGS, TEST_BACKEND, Server, ready_server
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +19,8 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def main_server(server_logs: Path) -> Iterator[Server]:
     """The shared server: all qualities, a long batch delay so that concurrent requests batch."""
-    server = start_server(server_logs, **MAIN_SERVER_SETTINGS)
-    try:
-        server.wait_ready()
+    with ready_server(server_logs, **MAIN_SERVER_SETTINGS) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,17 @@ def start_server(log_dir: Path, **settings: Any) -> Server:
         server.stop(signal.SIGKILL)
         raise
     return server
+
+
+@contextmanager
+def ready_server(log_dir: Path, **settings: Any) -> Iterator[Server]:
+    """A server started with :func:`start_server`, once it is ready; stopped on leaving."""
+    server = start_server(log_dir, **settings)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def test_image(height: int, width: int, seed: int = 0) -> np.ndarray:

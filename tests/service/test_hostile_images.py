@@ -35,7 +35,7 @@ from tests.service.helpers import (
     decode,
     encode,
     jpeg_declaring,
-    start_server,
+    ready_server,
     test_image,
 )
 
@@ -61,12 +61,8 @@ MEDIA_TYPES = {
 
 @pytest.fixture(scope="module")
 def hostile_server(server_logs: Path) -> Iterator[Server]:
-    server = start_server(server_logs, **HOSTILE_SERVER_SETTINGS)
-    try:
-        server.wait_ready()
+    with ready_server(server_logs, **HOSTILE_SERVER_SETTINGS) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # -- building hostile files ----------------------------------------------------------------------

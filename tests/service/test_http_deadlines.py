@@ -26,7 +26,7 @@ from tests.service.helpers import (
     encode,
     grey_png,
     jpeg_declaring,
-    start_server,
+    ready_server,
     test_image,
 )
 
@@ -43,7 +43,7 @@ SMALL = encode(test_image(64, 64))
 @pytest.fixture(scope="module")
 def admitting(server_logs: Path) -> Iterator[Server]:
     """Default admission (factor 1) with a short deadline, and a queue of 4 that batches 8."""
-    server = start_server(
+    with ready_server(
         server_logs,
         qualities="3",
         request_timeout_s=ADMISSION_TIMEOUT_S,
@@ -51,30 +51,22 @@ def admitting(server_logs: Path) -> Iterator[Server]:
         queue_size=4,
         max_batch_size=8,
         max_batch_delay_ms=200,
-    )
-    try:
-        server.wait_ready()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def abandoning(server_logs: Path) -> Iterator[Server]:
     """Admission control off, so that a job that will run past its deadline is started."""
-    server = start_server(
+    with ready_server(
         server_logs,
         qualities="3",
         request_timeout_s=ABANDON_TIMEOUT_S,
         admission_factor=0,
         max_batch_delay_ms=0,
         max_pixels=16_000_000,
-    )
-    try:
-        server.wait_ready()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def compress_cost_s(server: Server, pixels: int) -> float:
@@ -95,6 +87,25 @@ def timed_post(http: httpx.Client, body: bytes) -> tuple[httpx.Response, float]:
     started = time.monotonic()
     response = http.post("/compress?quality=3", content=body, headers=PNG)
     return response, time.monotonic() - started
+
+
+def compress_running(server: Server, body: bytes) -> tuple[threading.Thread, dict[str, httpx.Response]]:
+    """Post ``body`` to /compress from a thread and return once its job runs on the worker; the
+    response lands in the returned dict under ``"response"`` when the thread ends."""
+    result: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        with server.client() as http:
+            result["response"], _ = timed_post(http, body)
+
+    batches = compress_batches(server)
+    thread = threading.Thread(target=send)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while compress_batches(server) == batches:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.05)
+    return thread, result
 
 
 def test_the_issues_36_mp_images_are_413_at_once_and_never_start(admitting: Server) -> None:
@@ -138,19 +149,7 @@ def test_a_job_that_cannot_finish_behind_the_queue_is_503_at_once_with_retry_aft
     per_megapixel_s = compress_cost_s(admitting, 1_000_000) - compress_cost_s(admitting, 0)
     side = max(64, int(math.sqrt(0.6 * ADMISSION_TIMEOUT_S / per_megapixel_s * 1e6)) // 64 * 64)
     body = grey_png(side, side)
-    results: dict[str, httpx.Response] = {}
-
-    def first() -> None:
-        with admitting.client() as http:
-            results["first"] = http.post("/compress?quality=3", content=body, headers=PNG)
-
-    batches = compress_batches(admitting)
-    thread = threading.Thread(target=first)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while compress_batches(admitting) == batches:  # until the first job runs
-        assert time.monotonic() < deadline, "the first job never started"
-        time.sleep(0.05)
+    thread, first = compress_running(admitting, body)
     with admitting.client() as http:
         second, elapsed = timed_post(http, body)
     thread.join(60)
@@ -158,7 +157,7 @@ def test_a_job_that_cannot_finish_behind_the_queue_is_503_at_once_with_retry_aft
     assert error["detail"].startswith(f"compressing {side}x{side} takes about ")
     assert elapsed < ADMISSION_TIMEOUT_S / 2  # at once
     assert 1 <= int(second.headers["retry-after"]) <= math.ceil(ADMISSION_TIMEOUT_S)
-    assert results["first"].status_code in (200, 503)  # 503 only if this machine slowed down meanwhile
+    assert first["response"].status_code in (200, 503)  # 503 only if this machine slowed down meanwhile
 
 
 def test_six_simultaneous_requests_on_an_idle_server_with_a_queue_of_4_all_succeed(admitting: Server) -> None:
@@ -173,19 +172,7 @@ def test_six_simultaneous_requests_on_an_idle_server_with_a_queue_of_4_all_succe
 def test_a_late_tiled_job_is_abandoned_and_small_requests_run_between_its_tiles(abandoning: Server) -> None:
     height, width = TILED
     assert height * width > 4_194_304  # model.tiling.MAX_TILE_PIXELS: coded tile by tile
-    large: dict[str, httpx.Response] = {}
-    batches = compress_batches(abandoning)
-
-    def send_large() -> None:
-        with abandoning.client() as http:
-            large["response"], _ = timed_post(http, grey_png(width, height))
-
-    thread = threading.Thread(target=send_large)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while compress_batches(abandoning) == batches:  # until the large job runs
-        assert time.monotonic() < deadline, "the large job never started"
-        time.sleep(0.05)
+    thread, large = compress_running(abandoning, grey_png(width, height))
     with abandoning.client() as http:
         # within its own deadline, so it did not wait for the large image (several times that)
         during, _ = timed_post(http, SMALL)

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.service.helpers import Server, start_server
+from tests.service.helpers import Server, ready_server
 
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 2.0
@@ -36,7 +36,7 @@ RSS_GROWTH_LIMIT = 16 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def limited(server_logs: Path) -> Iterator[Server]:
-    server = start_server(
+    with ready_server(
         server_logs,
         qualities="3",
         header_timeout_s=HEADER_TIMEOUT_S,
@@ -45,12 +45,8 @@ def limited(server_logs: Path) -> Iterator[Server]:
         max_header_bytes=MAX_HEADER_BYTES,
         max_header_count=MAX_HEADER_COUNT,
         max_connections=MAX_CONNECTIONS,
-    )
-    try:
-        server.wait_ready()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.helpers import PNG, Server, encode, start_server, test_image
+from tests.service.helpers import PNG, Server, encode, ready_server, test_image
 
 DEADLINE_S = 1.0
 FLOOD = 8
@@ -26,7 +26,7 @@ DEADLINE_S (about 6x a 768x512 image), so every request reaches the queue while 
 
 @pytest.fixture(scope="module")
 def overloaded(server_logs: Path) -> Iterator[Server]:
-    server = start_server(
+    with ready_server(
         server_logs,
         qualities="3",
         queue_size=1,
@@ -34,12 +34,8 @@ def overloaded(server_logs: Path) -> Iterator[Server]:
         max_batch_delay_ms=0,
         request_timeout_s=DEADLINE_S,
         admission_factor=0,
-    )
-    try:
-        server.wait_ready()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def flood(server: Server, body: bytes) -> list[httpx.Response]:

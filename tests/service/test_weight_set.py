@@ -22,7 +22,7 @@ from tests.service.helpers import (
     assert_error,
     decode,
     encode,
-    start_server,
+    ready_server,
     test_image,
 )
 
@@ -36,12 +36,10 @@ def weight_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(weight_file: Path, server_logs: Path) -> Iterator[Server]:
-    server = start_server(server_logs, random_weights="false", weights=str(weight_file), qualities="2,3,6")
-    try:
-        server.wait_ready()
+    with ready_server(
+        server_logs, random_weights="false", weights=str(weight_file), qualities="2,3,6"
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
