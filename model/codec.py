@@ -32,7 +32,7 @@ should keep the same ``entropy_threads``. g_a and g_s run with the caller's thre
 move a decoded pixel by one 8-bit level (their reductions split by thread). The entropy path
 runs in float32, so a stream is only sure to decode on the kind of CPU and backend that coded it;
 elsewhere the symbol checksum refuses it rather than return a wrong image. BENCHMARKS.md
-("Determinism and backends") has what was measured.
+("Determinism and threads") has what was measured.
 
 Checkpoints: ``compress_batch`` and ``decompress_batch`` take ``checkpoint``, a callable run between
 stages (before each image's analysis, entropy parameters and synthesis, and before hyper-analysis),
@@ -231,7 +231,7 @@ class Codec:
             BitstreamError: anything else wrong with the stream.
         """
         container = unpack(bytes(data), max_pixels=max_pixels)
-        self._check_container(container)
+        self.check_container(container)
         return container
 
     def _check_quality(self, quality: float) -> float:
@@ -464,7 +464,7 @@ class Codec:
                 f"this codec is {self.model_id}@{self.weights_digest}"
             )
 
-    def _check_container(self, container: Container) -> None:
+    def check_container(self, container: Container) -> None:
         """What this codec needs of a parsed stream: its own weights, a quality it serves, and, for
         a whole image, the latent shapes of its size and one coded stream (tiles are checked one
         by one when they are decoded)."""
@@ -491,7 +491,7 @@ class Codec:
             return self.parse(item, max_pixels)
         if item.header.pixels > max_pixels:
             raise PixelLimitError(item.header, max_pixels)
-        self._check_container(item)
+        self.check_container(item)
         return item
 
     @torch.inference_mode()
@@ -561,7 +561,7 @@ class Codec:
             return self._decompress_containers([container], timings, max_pixels, check)[0]
 
         def decode(tile: Container) -> np.ndarray:
-            self._check_container(tile)
+            self.check_container(tile)
             return self._decompress_containers([tile], timings, max_pixels, check)[0]
 
         image = decompress_tiled(header, parts, decode, lambda d: unpack(d, max_pixels=max_pixels))

@@ -127,7 +127,7 @@ class CodecSet:
         """Unpack a container once and check it against the network of its quality (the parsed
         form :meth:`decompress_batch` takes; see :meth:`model.codec.Codec.parse`)."""
         container = unpack(bytes(data), max_pixels=max_pixels)
-        self.codec(self._decoder_quality(container.header))._check_container(container)
+        self.codec(self._decoder_quality(container.header)).check_container(container)
         return container
 
     def compress(
