@@ -149,9 +149,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Export LALIC's networks (g_a with gain, h_a, h_s, context and parameter networks, g_s with "
         "inverse gain) to TorchScript or ONNX with dynamic batch, height and width. Entropy coding "
-        "stays in Python; load the result with Codec(..., backend=..., export_dir=DIR)."
+        "stays in Python; load the result with Codec(..., backend=..., export_dir=DIR/FORMAT). A weight "
+        "set (lalic import) gets one folder per network, DIR/FORMAT/LABEL; load_codec(set, backend=..., "
+        "export_dir=DIR/FORMAT) finds them."
     )
-    parser.add_argument("--weights", help="weight file (default: the shipped lalic-s weights)")
+    parser.add_argument("--weights", help="weight file or weight set (default: the shipped lalic-s weights)")
     parser.add_argument("--random", metavar="CONFIG", help="export randomly initialised weights of CONFIG")
     parser.add_argument("--format", choices=["onnx", "torchscript", "all"], default="all")
     parser.add_argument("--output", "-o", default="export", help="output directory (default: ./export)")
@@ -190,27 +192,37 @@ def run_export(args: argparse.Namespace) -> int:
     """``lalic export``: write the stages and a manifest per format; optionally check them."""
     from model.codec import Codec
     from model.export import export_stages, read_manifest
+    from model.zoo import WeightSet, load_network
 
-    codec = Codec.random(args.random, seed=0) if args.random else Codec.from_pretrained(args.weights)
     formats: Sequence[str] = ("onnx", "torchscript") if args.format == "all" else (args.format,)
     out = Path(args.output)
+    networks: list[tuple[str | None, Codec]]  # (folder within the format's folder, codec)
+    if args.random:
+        networks = [(None, Codec.random(args.random, seed=0))]
+    else:
+        loaded = load_network(args.weights)
+        if isinstance(loaded, WeightSet):  # one folder per network, as CodecSet(export_dir=...) reads
+            networks = [(m.label, Codec(loaded.network(m.quality))) for m in loaded.members]
+        else:
+            networks = [(None, Codec(loaded))]
     for fmt in formats:
-        start = time.perf_counter()
-        target = out / fmt
-        export_stages(
-            codec.net,
-            target,
-            fmt,
-            codec.weights_digest,
-            progress=lambda name, fmt=fmt: print(f"  {fmt}: {name}", flush=True),
-        )
-        size = sum(p.stat().st_size for p in target.iterdir())
-        print(
-            f"{target}: {len(read_manifest(target)['stages'])} stages, {size / 1e6:.1f} MB, "
-            f"{time.perf_counter() - start:.0f} s"
-        )
-        if args.check:
-            backend = "onnxruntime" if fmt == "onnx" else "torchscript"
-            exported = Codec(codec.net, backend=backend, export_dir=str(target))
-            print(f"  check {backend}: {_check_against_eager(codec, exported)}")
+        for folder, codec in networks:
+            start = time.perf_counter()
+            target = out / fmt / folder if folder else out / fmt
+            export_stages(
+                codec.net,
+                target,
+                fmt,
+                codec.weights_digest,
+                progress=lambda name, fmt=fmt: print(f"  {fmt}: {name}", flush=True),
+            )
+            size = sum(p.stat().st_size for p in target.iterdir())
+            print(
+                f"{target}: {len(read_manifest(target)['stages'])} stages, {size / 1e6:.1f} MB, "
+                f"{time.perf_counter() - start:.0f} s"
+            )
+            if args.check:
+                backend = "onnxruntime" if fmt == "onnx" else "torchscript"
+                exported = Codec(codec.net, backend=backend, export_dir=str(target))
+                print(f"  check {backend}: {_check_against_eager(codec, exported)}")
     return 0

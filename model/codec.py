@@ -75,7 +75,7 @@ from model.bitstream import (
     unpack,
 )
 from model.coder import CoderError, SymbolDecoder, SymbolEncoder
-from model.configs import get_config
+from model.configs import LalicConfig, get_config
 from model.image import flip, is_orientation
 from model.lalic import LALIC, PAD_MULTIPLE
 from model.metrics import bits_per_pixel, mse
@@ -146,6 +146,25 @@ def _check_orientations(orientations: Sequence[int]) -> tuple[int, ...]:
 def padded_size(height: int, width: int) -> tuple[int, int]:
     up = lambda n: -(-n // PAD_MULTIPLE) * PAD_MULTIPLE  # noqa: E731
     return up(height), up(width)
+
+
+def check_layout(container: Container, config: LalicConfig) -> None:
+    """What a network of ``config`` needs of a parsed whole-image stream: the latent shapes of its
+    size (y at 1/16, z at 1/64 of the padded size, Sec. 3.1) and one coded stream. Tiled containers
+    pass: each tile is checked when it is decoded."""
+    header, streams = container
+    if header.tiling != (0, 0, 0):
+        return
+    hp, wp = padded_size(header.height, header.width)
+    want_y = (config.latent, hp // 16, wp // 16)
+    want_z = (config.hyper_latent, hp // 64, wp // 64)
+    if header.y_shape != want_y or header.z_shape != want_z:
+        raise BitstreamError(
+            f"latent shapes {header.y_shape}/{header.z_shape} do not match a "
+            f"{header.height}x{header.width} image ({want_y}/{want_z})"
+        )
+    if len(streams) != 1:
+        raise BitstreamError(f"expected 1 coded stream, got {len(streams)}")
 
 
 class Codec:
@@ -468,22 +487,9 @@ class Codec:
         """What this codec needs of a parsed stream: its own weights, a quality it serves, and, for
         a whole image, the latent shapes of its size and one coded stream (tiles are checked one
         by one when they are decoded)."""
-        header, streams = container
-        self._check_origin(header)
-        self._check_quality(header.quality)
-        if header.tiling != (0, 0, 0):
-            return
-        c = self.net.config
-        hp, wp = padded_size(header.height, header.width)
-        want_y = (c.latent, hp // 16, wp // 16)
-        want_z = (c.hyper_latent, hp // 64, wp // 64)
-        if header.y_shape != want_y or header.z_shape != want_z:
-            raise BitstreamError(
-                f"latent shapes {header.y_shape}/{header.z_shape} do not match a "
-                f"{header.height}x{header.width} image ({want_y}/{want_z})"
-            )
-        if len(streams) != 1:
-            raise BitstreamError(f"expected 1 coded stream, got {len(streams)}")
+        self._check_origin(container.header)
+        self._check_quality(container.header.quality)
+        check_layout(container, self.net.config)
 
     def _as_container(self, item: bytes | Container, max_pixels: int) -> Container:
         """A stream as a checked container: bytes are parsed, a parsed one is taken as it is."""

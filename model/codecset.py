@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from model.bitstream import DEFAULT_MAX_PIXELS, Container, Header, ModelMismatchError, read_header, unpack
-from model.codec import Checkpoint, Codec, padded_size
+from model.codec import Checkpoint, Codec, check_layout, padded_size
 from model.zoo import WeightSet, load_network, read_weight_set
 
 
@@ -52,7 +52,9 @@ class CodecSet:
     Args:
         weights: the per-quality networks (:func:`model.zoo.read_weight_set`).
         lazy: build each quality's codec on first use instead of now.
-        **options: passed to every :class:`~model.codec.Codec` (device, backend, entropy_threads, ...).
+        **options: passed to every :class:`~model.codec.Codec` (device, backend, entropy_threads, ...);
+            ``export_dir`` names the folder ``lalic export`` wrote for the set, which holds one
+            folder per network, named by its label.
     """
 
     def __init__(self, weights: WeightSet, *, lazy: bool = False, **options: Any) -> None:
@@ -94,6 +96,10 @@ class CodecSet:
         """Qualities whose codec is built."""
         return tuple(sorted(self._codecs))
 
+    def is_loaded(self, quality: float) -> bool:
+        """Whether the codec of ``quality`` is built (a served quality of a lazy set may not be)."""
+        return float(quality) in self._codecs
+
     def _served(self, quality: float) -> float:
         """``quality`` as a float when the set has a network for it; ValueError otherwise."""
         q = float(quality)
@@ -114,7 +120,10 @@ class CodecSet:
         """The codec of exactly ``quality`` (built on first use)."""
         q = self._served(quality)
         if q not in self._codecs:
-            self._codecs[q] = Codec(self.weights.network(q), **self.options)
+            options = dict(self.options)
+            if options.get("export_dir") is not None:  # one folder per network (lalic export)
+                options["export_dir"] = str(Path(options["export_dir"]) / self.weights.member(q).label)
+            self._codecs[q] = Codec(self.weights.network(q), **options)
         return self._codecs[q]
 
     # The Codec API ----------------------------------------------------------------------------
@@ -127,8 +136,26 @@ class CodecSet:
         """Unpack a container once and check it against the network of its quality (the parsed
         form :meth:`decompress_batch` takes; see :meth:`model.codec.Codec.parse`)."""
         container = unpack(bytes(data), max_pixels=max_pixels)
-        self.codec(self._decoder_quality(container.header)).check_container(container)
+        self.check_container(container)
         return container
+
+    def check_container(self, container: Container) -> None:
+        """Check a parsed stream against the network of its quality without building one: a built
+        network checks everything (:meth:`model.codec.Codec.check_container`); for one not built yet
+        (a lazy set) the model id and the latent layout are checked here, and the weights digest
+        when the stream is decoded, which builds the network."""
+        quality = self._decoder_quality(container.header)
+        if quality in self._codecs:
+            self._codecs[quality].check_container(container)
+            return
+        header = container.header
+        model_id = self.weights.member(quality).model_id(self.weights.config)
+        if header.model_id != model_id:
+            raise ModelMismatchError(
+                f"the stream was made by {header.model_id}@{header.weights_digest.hex()}, "
+                f"this set serves quality {quality:g} with {model_id}"
+            )
+        check_layout(container, self.weights.config)
 
     def compress(
         self, image: np.ndarray, quality: float, refine_steps: int = 0, orientations: Sequence[int] = (0,)

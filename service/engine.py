@@ -85,6 +85,11 @@ class Engine:
         self.error: str | None = None
         self.codec: Codec | None = None
         self.warmed: tuple[float, ...] = ()
+        """Qualities whose network is loaded and warmed up (all configured ones once ready, except in
+        a lazy weight set, which loads the others on first use)."""
+        self.start_qualities: tuple[float, ...] = settings.qualities
+        """Qualities loaded and warmed up before the service is ready."""
+        self._load_seconds = 0.0
         self.costs = CostModel()
         self._ready = threading.Event()
         for operation in OPERATIONS:
@@ -104,7 +109,7 @@ class Engine:
         if self.state is ModelState.FAILED:
             return f"model loading failed: {self.error}"
         if self.state is ModelState.WARMING_UP:
-            return f"warming up ({len(self.warmed)}/{len(self.settings.qualities)} qualities ready)"
+            return f"warming up ({len(self.warmed)}/{len(self.start_qualities)} qualities ready)"
         if self.state is ModelState.LOADING:
             return "loading the model"
         return "ready"
@@ -112,7 +117,8 @@ class Engine:
     # -- start-up (worker thread) -------------------------------------------------------------
 
     def load(self) -> None:
-        """Create the codec and warm up every configured quality; failures are recorded in ``state``."""
+        """Create the codec and warm up every configured quality (a lazy weight set: the one the
+        cost model is calibrated with); failures are recorded in ``state``."""
         started = time.perf_counter()
         try:
             self._configure_torch()
@@ -120,8 +126,10 @@ class Engine:
             missing = [q for q in self.settings.qualities if q not in self.codec.qualities]
             if missing:
                 raise ValueError(f"the model has no quality {missing} (it has {self.codec.qualities})")
+            if self.lazy:
+                self.start_qualities = (self.calibration_quality,)
             self.state = ModelState.WARMING_UP
-            for quality in self.settings.qualities:
+            for quality in self.start_qualities:
                 self.codec.warmup(qualities=[quality])
                 self.warmed = (*self.warmed, quality)
                 self.metrics.models_loaded.set(len(self.warmed))
@@ -145,7 +153,7 @@ class Engine:
     def _calibrate(self) -> None:
         """Time a compress and a decompress of one image of each calibration size; fit the cost model."""
         codec = self.require_codec()
-        quality = self.settings.qualities[len(self.settings.qualities) // 2]
+        quality = self.calibration_quality
         rng = np.random.default_rng(0)
         images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for side in CALIBRATION_SIDES]
         best = {(operation, side): float("inf") for operation in OPERATIONS for side in CALIBRATION_SIDES}
@@ -169,6 +177,18 @@ class Engine:
                 fixed * 1e3,
                 per_pixel * 1e6,
             )
+
+    @property
+    def calibration_quality(self) -> float:
+        """The configured quality the cost model is calibrated with (the middle one)."""
+        return self.settings.qualities[len(self.settings.qualities) // 2]
+
+    @property
+    def lazy(self) -> bool:
+        """Whether networks load on first use: ``lazy_weights`` and a set of per-quality networks."""
+        from model.codecset import CodecSet
+
+        return self.settings.lazy_weights and isinstance(self.codec, CodecSet)
 
     def _cost_reader(self, operation: str) -> Callable[[], tuple[float, float]]:
         """``(fixed seconds, seconds per pixel)`` of ``operation``, zeros before calibration."""
@@ -201,7 +221,7 @@ class Engine:
         }
         if self.settings.random_weights:
             return Codec.random(config=self.settings.model, seed=0, **options)
-        return load_codec(self.settings.weights, **options)
+        return load_codec(self.settings.weights, lazy=self.settings.lazy_weights, **options)
 
     # -- request side (any thread) ------------------------------------------------------------
 
@@ -239,28 +259,39 @@ class Engine:
         from model.codecset import CodecSet
 
         if isinstance(codec, CodecSet):
-            return float(quality) in self.warmed
+            return float(quality) in self.settings.qualities
         return self.settings.quality_served(quality)
 
     def models(self) -> list[dict[str, Any]]:
-        """What ``/v1/models`` lists: the codec, or every network of a set (one quality each)."""
+        """What ``/v1/models`` lists: the codec, or every network of a set (one quality each; a
+        network a lazy set has not loaded yet has no digest, which needs its weights)."""
         codec = self.require_codec()
         from model.codecset import CodecSet
 
-        members = [(codec, list(self.warmed))]
-        if isinstance(codec, CodecSet):
-            members = [(codec.codec(q), [q]) for q in self.warmed]
-        return [
-            {
-                "id": c.model_id,
-                "weights_digest": c.weights_digest,
-                "qualities": qualities,
-                "quality_range": [min(qualities), max(qualities)],
-                "device": c.device,
-                "backend": c.backend,
-            }
-            for c, qualities in members
-        ]
+        if not isinstance(codec, CodecSet):
+            qualities = list(self.settings.qualities)
+            return [self._model_info(codec.model_id, codec.weights_digest, qualities, codec, True)]
+        infos = []
+        for q in self.settings.qualities:
+            model_id = codec.weights.member(q).model_id(codec.weights.config)
+            loaded = codec.is_loaded(q)
+            digest = codec.codec(q).weights_digest if loaded else None
+            infos.append(self._model_info(model_id, digest, [q], codec, loaded))
+        return infos
+
+    @staticmethod
+    def _model_info(
+        model_id: str, digest: str | None, qualities: list[float], codec: Any, loaded: bool
+    ) -> dict[str, Any]:
+        return {
+            "id": model_id,
+            "weights_digest": digest,
+            "qualities": qualities,
+            "quality_range": [min(qualities), max(qualities)],
+            "device": codec.device,
+            "backend": codec.backend,
+            "loaded": loaded,
+        }
 
     # -- batch execution (worker thread) ------------------------------------------------------
 
@@ -275,6 +306,8 @@ class Engine:
         """
         codec = self.require_codec()
         key: BatchKey = jobs[0].key
+        if self.lazy and key.quality not in self.warmed:
+            self._load_lazily(key.quality, checkpoint)
         timings: dict[str, float] = {}
         payloads = [job.payload for job in jobs]
         results: list[Any]
@@ -291,15 +324,31 @@ class Engine:
         self.metrics.observe_timings(key.operation, timings)
         return results
 
+    def _load_lazily(self, quality: float, checkpoint: Callable[[], None]) -> None:
+        """Load and warm up the network of ``quality`` of a lazy set (worker thread, first use).
+
+        A batch already past its deadline stops at the checkpoint before paying for the load; the
+        load's time is kept out of the cost model (it happens once, not per pixel)."""
+        checkpoint()
+        started = time.perf_counter()
+        self.require_codec().warmup([quality])
+        seconds = time.perf_counter() - started
+        self._load_seconds += seconds
+        self.warmed = tuple(sorted((*self.warmed, quality)))
+        self.metrics.models_loaded.set(len(self.warmed))
+        logger.info("loaded the network of quality %g on first use in %.1f s", quality, seconds)
+
     def observe_run(self, jobs: Sequence[Job], seconds: float) -> None:
-        """Teach the cost model how long a finished batch took."""
+        """Teach the cost model how long a finished batch took (less any network it loaded)."""
         key: BatchKey = jobs[0].key
+        seconds, self._load_seconds = max(0.0, seconds - self._load_seconds), 0.0
         self.costs.observe(key.operation, key.pixels, len(jobs), seconds)
 
     def observe_abandoned(self, jobs: Sequence[Job], seconds: float) -> None:
         """Count a batch stopped past its deadline; if it had already run longer than estimated, the
         estimate was low, and that time (a lower bound of the true cost) teaches the cost model."""
         key: BatchKey = jobs[0].key
+        seconds, self._load_seconds = max(0.0, seconds - self._load_seconds), 0.0
         self.metrics.jobs_abandoned.labels(operation=key.operation).inc(len(jobs))
         estimated = sum(job.cost for job in jobs)
         logger.warning(

@@ -120,7 +120,7 @@ async def compress(
         raise ServiceError(
             422,
             ErrorCode.INVALID_PARAMETER,
-            f"quality {quality:g} is not served (one network per quality: {list(engine.warmed)})",
+            f"quality {quality:g} is not served (one network per quality: {list(settings.qualities)})",
         )
     deadline = runtime.deadline_of(request)
     data = await _read_image_bytes(request, runtime)
@@ -189,6 +189,8 @@ async def decompress(
     try:
         key = engine.decompress_key(header)
         image = await runtime.run(key, container, deadline, header.height, header.width)
+    except ModelMismatchError as exc:  # a lazy set checks the weights digest once the network loads
+        raise ServiceError(400, ErrorCode.MODEL_MISMATCH, str(exc)) from None
     except ValueError as exc:  # BitstreamError, or the codec refusing what the stream asks for
         raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
     body = await run_in_threadpool(encode_image, image, choice.format)
@@ -221,10 +223,12 @@ async def healthz() -> HealthBody:
 
 @router.get("/readyz", summary="Readiness", response_model=ReadyBody, responses=READY_RESPONSES)
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """200 once every quality is loaded and warmed up; 503 before (or when loading failed)."""
+    """200 once every quality is loaded and warmed up (with ``lazy_weights`` and a weight set: the
+    first one; ``loaded`` lists those loaded so far); 503 before (or when loading failed)."""
     engine = runtime.engine
     if engine.ready and not runtime.worker.closing:
-        return JSONResponse({"status": "ready", "qualities": list(engine.warmed)})
+        qualities = list(runtime.settings.qualities)
+        return JSONResponse({"status": "ready", "qualities": qualities, "loaded": list(engine.warmed)})
     state = "shutting_down" if runtime.worker.closing else engine.state.value
     detail = "the service is shutting down" if runtime.worker.closing else engine.describe_state()
     return JSONResponse(

@@ -50,24 +50,35 @@ class ReadyBody(BaseModel):
     """/readyz once every configured quality is loaded and warmed up."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"status": "ready", "qualities": [1, 2, 3, 4, 5, 6]}]}
+        json_schema_extra={
+            "examples": [{"status": "ready", "qualities": [1, 2, 3, 4, 5, 6], "loaded": [1, 2, 3, 4, 5, 6]}]
+        }
     )
 
     status: str = Field(description="Always ready.")
-    qualities: list[float] = Field(description="The quality anchors loaded.")
+    qualities: list[float] = Field(description="The quality anchors served.")
+    loaded: list[float] = Field(
+        description="The anchors whose network is loaded and warmed up: all of them, except with "
+        "lazy_weights and a weight set of per-quality networks, which loads each on first use."
+    )
 
 
 class ModelInfo(BaseModel):
     """One loaded model."""
 
     id: str = Field(description="Model configuration name, written into every bitstream.")
-    weights_digest: str = Field(
-        description="16 hex digits identifying the weights (also in every bitstream)."
+    weights_digest: str | None = Field(
+        description="16 hex digits identifying the weights (also in every bitstream); null for a "
+        "network of a lazy weight set that is not loaded yet."
     )
-    qualities: list[float] = Field(description="Quality anchors loaded and warmed up.")
+    qualities: list[float] = Field(description="Quality anchors served.")
     quality_range: list[float] = Field(description="[lowest, highest] quality served (any value between).")
     device: str = Field(description="cpu or cuda.")
     backend: str = Field(description="torch, torchscript or onnxruntime.")
+    loaded: bool = Field(
+        description="Whether the network is loaded and warmed up (false until first use for a lazy "
+        "weight set, setting lazy_weights)."
+    )
 
 
 class ModelsBody(BaseModel):
@@ -85,6 +96,7 @@ class ModelsBody(BaseModel):
                             "quality_range": [1, 6],
                             "device": "cpu",
                             "backend": "torchscript",
+                            "loaded": True,
                         }
                     ]
                 }

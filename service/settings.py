@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     weights: str | None = Field(
         None, description="Path to a weights file; unset = the shipped default weights."
     )
+    lazy_weights: bool = Field(
+        False,
+        description="With a weight set of per-quality networks (lalic import): load and warm up one "
+        "network at start and each other quality's network on its first request, in the worker "
+        "(that request waits for the load); /readyz and /v1/models say which are loaded. Off: all "
+        "at start. No effect on a single variable-rate network such as lalic-s.",
+    )
     model: str = Field("lalic-s", description="Model configuration name (used with random_weights).")
     random_weights: bool = Field(
         False, description="Use randomly initialised weights (seed 0) instead of trained ones; for tests."

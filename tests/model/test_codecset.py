@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 
 from lalic.cli import main as lalic
 from model import evaluate
-from model.bitstream import BitstreamError
+from model.bitstream import BitstreamError, ModelMismatchError, pack
 from model.codec import Codec
 from model.codecset import CodecSet, load_codec
 from model.configs import get_config
@@ -123,6 +124,36 @@ def test_a_lazy_set_builds_a_network_on_first_use(
     assert lazy.loaded == (1.0, 3.0, 6.0)
 
 
+def test_a_lazy_set_parses_without_building_and_checks_the_digest_on_decode(
+    weight_file: Path, codecs: CodecSet, image: np.ndarray, tmp_path: Path
+) -> None:
+    lazy = CodecSet.from_file(weight_file, lazy=True)
+    stream = codecs.compress(image, 6)
+    container = lazy.parse(stream)
+    assert lazy.loaded == ()  # the service parses on the request thread: no network is built there
+    shipped = Codec.from_pretrained().compress(image, 3)
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"^the stream was made by lalic-s@d0887e03b1845744, this set serves quality 3 with lalic-s-q3$",
+    ):
+        lazy.parse(shipped)
+    with pytest.raises(BitstreamError, match=r"^latent shapes \(1, 4, 6\)/"):
+        lazy.parse(pack(replace(container.header, y_shape=(1, 4, 6)), container.streams))
+    other = CodecSet.from_file(write_weight_set(tmp_path / "other.pt", QUALITIES, seed=50), lazy=True)
+    foreign = other.compress(image, 6)  # same model id, other weights: only the digest tells
+    assert other.loaded == (6.0,) and lazy.loaded == ()
+    foreign_container = lazy.parse(foreign)
+    assert lazy.loaded == ()
+    with pytest.raises(
+        ModelMismatchError, match=r"^the stream was made by lalic-s-q6@[0-9a-f]{16}, this codec is"
+    ):
+        lazy.decompress_batch([foreign_container])
+    assert lazy.loaded == (6.0,)  # built to decode, and then it knew the digest
+    assert np.array_equal(lazy.decompress_batch([container])[0], codecs.decompress(stream))
+    with pytest.raises(ModelMismatchError):
+        lazy.parse(foreign)  # once built, the parse checks the digest itself
+
+
 def test_labels_must_make_valid_model_ids() -> None:
     config = get_config("lalic-s", variable_rate=False)
     for label in ("q 3", "", "x" * 30):
@@ -168,3 +199,24 @@ def test_eval_measures_a_weight_set(weight_file: Path, tmp_path: Path) -> None:
     result = json.loads((tmp_path / "out" / "tiny-ours.json").read_text())
     assert result["meta"]["model_id"] == "lalic-s"
     assert len(result["results"]["bpp"]) == 2 and all(b > 0 for b in result["results"]["bpp"])
+
+
+def test_lalic_export_writes_one_folder_per_network(
+    weight_file: Path, codecs: CodecSet, image: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "export"
+    assert lalic(["export", "--weights", str(weight_file), "--format", "torchscript", "-o", str(out)]) == 0
+    assert sorted(p.name for p in (out / "torchscript").iterdir()) == ["q1", "q3", "q6"]
+    for quality in QUALITIES:
+        manifest = json.loads((out / "torchscript" / f"q{quality}" / "manifest.json").read_text())
+        assert manifest["weights_digest"] == codecs.codec(quality).weights_digest
+    caplog.set_level("WARNING", logger="model.backends")
+    exported = load_codec(
+        str(weight_file), backend="torchscript", export_dir=str(out / "torchscript"), lazy=True
+    )
+    assert isinstance(exported, CodecSet)
+    data = exported.compress(image, 3)
+    assert data == codecs.compress(image, 3)
+    assert np.array_equal(exported.decompress(data), codecs.decompress(data))
+    assert exported.loaded == (3.0,)
+    assert "exporting" not in caplog.text  # each network loaded its own folder, none exported again

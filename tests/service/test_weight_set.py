@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -85,3 +86,58 @@ def test_values_between_the_networks_and_foreign_streams_are_refused(server: Ser
         assert body["detail"].startswith(
             "the stream was made by lalic-s@d0887e03b1845744, this codec is lalic-s-q3@"
         )
+
+
+@pytest.fixture(scope="module")
+def lazy_server(weight_file: Path, server_logs: Path) -> Iterator[Server]:
+    with ready_server(
+        server_logs, random_weights="false", weights=str(weight_file), qualities="2,3,6", lazy_weights="true"
+    ) as server:
+        yield server
+
+
+def test_a_lazy_set_loads_each_network_on_first_use(
+    lazy_server: Server, codecs: CodecSet, tmp_path: Path
+) -> None:
+    image = test_image(40, 56)
+    digests = {q: codecs.codec(q).weights_digest for q in QUALITIES}
+
+    def loaded(http: httpx.Client) -> list[tuple[str, str | None, bool]]:
+        models = http.get("/v1/models").json()["models"]
+        return [(m["id"], m["weights_digest"], m["loaded"]) for m in models]
+
+    with lazy_server.client() as http:
+        # ready with the network the cost model was calibrated with (the middle quality)
+        assert http.get("/readyz").json() == {
+            "status": "ready",
+            "qualities": [2.0, 3.0, 6.0],
+            "loaded": [3.0],
+        }
+        assert loaded(http) == [
+            ("lalic-s-q2", None, False),
+            ("lalic-s-q3", digests[3], True),
+            ("lalic-s-q6", None, False),
+        ]
+        assert lazy_server.metrics()[("lalic_models_loaded", ())] == 1
+        # a stream of other weights with the same model id is refused once its network has loaded
+        other = load_codec(str(write_weight_set(tmp_path / "other.pt", QUALITIES, seed=50)), lazy=True)
+        body = assert_error(http.post("/decompress", content=other.compress(image, 6)), 400, "model_mismatch")
+        assert body["detail"].startswith("the stream was made by lalic-s-q6@")
+        assert loaded(http)[2] == ("lalic-s-q6", digests[6], True)
+        stream = codecs.compress(image, 6)
+        decoded = http.post("/decompress", content=stream)
+        assert decoded.status_code == 200, decoded.text
+        assert (decode(decoded.content) == codecs.decompress(stream)).all()
+        response = http.post("/compress?quality=2", content=encode(image), headers=PNG)
+        assert response.status_code == 200, response.text
+        assert response.content == codecs.compress(image, 2)
+        assert http.get("/readyz").json()["loaded"] == [2.0, 3.0, 6.0]
+        assert [m[2] for m in loaded(http)] == [True, True, True]
+        assert lazy_server.metrics()[("lalic_models_loaded", ())] == 3
+        refused = http.post("/compress?quality=4", content=encode(image), headers=PNG)
+        assert assert_error(refused, 422, "invalid_parameter")["detail"] == (
+            "quality 4 is not served (loaded: [2.0, 3.0, 6.0])"
+        )
+    log = lazy_server.log()
+    assert "loaded the network of quality 6 on first use" in log
+    assert "loaded the network of quality 2 on first use" in log
