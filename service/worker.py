@@ -13,7 +13,10 @@ there the worker runs, oldest first, every waiting batch whose jobs cost at most
 :data:`INTERLEAVE_SHARE` of the running batch's jobs, then resumes the running batch. So a small
 request waits for one stage of a large image (at most one tile), not for the whole image. Under a
 steady overload of small jobs a large one may wait until its deadline passes (it then gets a 503):
-large requests yield to small ones, never the other way round.
+large requests yield to small ones, never the other way round. After a small batch finishes, a
+checkpoint waits up to :data:`ANTICIPATION_S` for the next small job before the large batch resumes,
+so that the short gap between a client's answer and its next request does not let a stage of the
+large image in ahead of it.
 
 A checkpoint also ends a batch whose every job is past its deadline: it raises
 :class:`JobAbandonedError`, the codec unwinds, and the worker moves on. No batch holds the worker
@@ -39,6 +42,11 @@ logger = logging.getLogger("service.worker")
 
 INTERLEAVE_SHARE = 0.25
 """A waiting job costing at most this share of a running job's cost runs inside its checkpoints."""
+ANTICIPATION_S = 0.1
+"""How long a checkpoint waits for the next small job after one finished, before the large batch
+resumes (anticipatory scheduling, Iyer and Druschel, SOSP 2001): a client whose small request was
+just answered usually sends its next within a few tens of milliseconds, and a stage of a large
+image started in that gap would hold it for up to one tile."""
 
 
 class QueueFullError(Exception):
@@ -130,6 +138,8 @@ class BatchWorker:
         self._on_abandoned = on_abandoned
         self._pending: list[Job] = []
         self._running: list[_Running] = []
+        self._last_done = (float("-inf"), 0.0)
+        """``time.monotonic()`` when the last batch finished, and the cost of one of its jobs."""
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -335,21 +345,37 @@ class BatchWorker:
                 self._running.remove(running)
         if self._on_done is not None:
             self._on_done(jobs, time.perf_counter() - started - running.paused)
+        self._last_done = (time.monotonic(), running.job_cost)
         return results
+
+    def _anticipate(self, limit: float, now: float) -> bool:
+        """(Lock held.) If a batch of jobs costing at most ``limit`` finished less than
+        :data:`ANTICIPATION_S` ago, wait for the rest of that window for another such job to be
+        queued; returns whether one was."""
+        finished, cost = self._last_done
+        window = finished + ANTICIPATION_S - now
+        if cost > limit or window <= 0 or self._closing:
+            return False
+        return self._cond.wait_for(lambda: bool(self._next_group(limit)) or self._closing, window)
 
     def _checkpoint(self, running: _Running, interleave: bool) -> None:
         """Stop ``running`` once all its jobs are past their deadline; else (if ``interleave``) run
         every waiting batch small enough (:data:`INTERLEAVE_SHARE`) before returning to it."""
-        now = time.monotonic()
-        if all(now > job.deadline for job in running.jobs):
-            late = now - max(job.deadline for job in running.jobs)
-            raise JobAbandonedError(f"the deadline passed {late:.3f} s ago while running; abandoned")
         limit = INTERLEAVE_SHARE * running.job_cost
-        if not interleave or limit <= 0:  # a job without an estimate lets nothing in
-            return
         while True:
+            now = time.monotonic()
+            if all(now > job.deadline for job in running.jobs):
+                late = now - max(job.deadline for job in running.jobs)
+                raise JobAbandonedError(f"the deadline passed {late:.3f} s ago while running; abandoned")
+            if not interleave or limit <= 0:  # a job without an estimate lets nothing in
+                return
             with self._cond:
                 batch = self._take(self._next_group(limit))
+                if not batch:
+                    waited = time.perf_counter()
+                    if self._anticipate(limit, now):
+                        batch = self._take(self._next_group(limit))
+                    running.paused += time.perf_counter() - waited  # not the batch's own time
             if not batch:
                 return
             started = time.perf_counter()

@@ -293,3 +293,27 @@ def test_drain_and_backlog_estimates() -> None:
     worker.start()
     assert worker.close(timeout=5)
     assert worker.drain_s() == 0.0
+
+
+def test_a_client_sending_small_jobs_back_to_back_keeps_the_worker() -> None:
+    """Anticipation: after a small job, a checkpoint waits briefly for the next one instead of starting
+    another 0.3 s stage of the large job in the 10 ms gap between one answer and the next request."""
+    stages = Stages({"L": 10, "S": 1}, {"L": 0.3, "S": 0.01})
+    worker = staged_worker(stages)
+    worker.start()
+    long = worker.submit(costed("L", "long", cost=3.0))
+    while not stages.events:
+        time.sleep(0.01)
+    latencies = []
+    for i in range(10):
+        time.sleep(0.01)  # the client reads its answer and sends the next request
+        submitted = time.monotonic()
+        assert worker.submit(costed("S", i, cost=0.01)).result(timeout=30) == ("done", i)
+        latencies.append(time.monotonic() - submitted)
+    # the first waits for the stage under way; the others come within the anticipation window
+    assert max(latencies[1:]) < 0.2, latencies
+    assert not long.done()
+    assert long.result(timeout=30) == ("done", "long")
+    # the anticipation waits (up to 0.1 s after each small job) are not the long batch's own time
+    assert 3.0 <= stages.run_times["long"] < 3.0 + 0.5
+    assert worker.close(timeout=5)
