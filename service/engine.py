@@ -94,6 +94,7 @@ class Engine:
         self._ready = threading.Event()
         for operation in OPERATIONS:
             metrics.track_cost(operation, self._cost_reader(operation))
+            metrics.jobs_abandoned.labels(operation=operation)  # exposed at 0 before the first (for rate())
 
     @property
     def ready(self) -> bool:

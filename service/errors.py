@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.logs import current_request_id
 from service.metrics import Metrics
 
 
@@ -62,12 +63,22 @@ def unavailable(code: ErrorCode, detail: str, retry_after_s: float = 1.0) -> Ser
     return ServiceError(503, code, detail, {"Retry-After": retry_after(retry_after_s)})
 
 
+def error_body(code: ErrorCode, detail: str, request_id: str | None = None) -> dict[str, str]:
+    """The JSON error body ``{"error": code, "detail": text, "request_id": id}``: ``request_id`` is the
+    one in the response's ``X-Request-ID`` (by default the current request's; left out when unknown)."""
+    body = {"error": code.value, "detail": detail}
+    request_id = request_id if request_id is not None else current_request_id.get()
+    if request_id is not None:
+        body["request_id"] = request_id
+    return body
+
+
 def error_response(
     metrics: Metrics, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """Build the ``{"error": code, "detail": text}`` response and count it."""
+    """Build the JSON error response (:func:`error_body`) and count it."""
     metrics.errors_total.labels(code=code.value).inc()
-    return JSONResponse({"error": code.value, "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, detail), status_code=status, headers=headers)
 
 
 _HTTP_CODES = {

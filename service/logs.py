@@ -8,7 +8,9 @@ With ``log_format=json`` every log record is one JSON object on one line of stde
 
 Records logged while a request is handled carry its ``request_id``. Request lines hold no header
 values, query strings, keys or body bytes: only the fields above (``route`` is the route template,
-or null when no route matched).
+or null when no route matched). A request refused by the connection itself (:mod:`service.protocol`:
+431, 408, 400, or 503 ``too_many_connections``) gets the same line with ``route`` null and one more
+field, ``error``, its error code; ``method`` is null when the request line was never complete.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 ACCESS_LOGGER = "lalic.access"
 REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode("latin-1")
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 """A client's X-Request-ID is kept when it matches this (UUIDs, hex, base64, dotted ids), else replaced."""
 FIELDS_ATTR = "lalic_fields"
@@ -46,6 +50,18 @@ def sane_request_id(value: str | None) -> str | None:
 def new_request_id() -> str:
     """A fresh random request id (32 hex digits)."""
     return uuid.uuid4().hex
+
+
+def offered_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The client's ``X-Request-ID`` among raw (lower-case name, value) headers, if it sent exactly one
+    and it is sane (:func:`sane_request_id`); else None."""
+    offered = [value for name, value in headers if name == _REQUEST_ID_NAME]
+    return sane_request_id(offered[0].decode("latin-1")) if len(offered) == 1 else None
+
+
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The id of a request with these headers: the client's (:func:`offered_request_id`) or a new one."""
+    return offered_request_id(headers) or new_request_id()
 
 
 class RequestIdFilter(logging.Filter):

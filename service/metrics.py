@@ -154,6 +154,11 @@ class Metrics:
             "Estimated seconds until every queued and running job is done (the cost model's view).",
             registry=r,
         )
+        self.request_timeout = Gauge(
+            "lalic_request_timeout_seconds",
+            "The per-request deadline (setting request_timeout_s), for comparison with the drain time.",
+            registry=r,
+        )
         self.cost_fixed = Gauge(
             "lalic_cost_fixed_seconds",
             "Cost model: estimated overhead per image, by operation.",

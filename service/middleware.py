@@ -13,8 +13,7 @@ from service.logs import (
     current_request_id,
     elapsed_ms,
     log_request,
-    new_request_id,
-    sane_request_id,
+    request_id_of,
 )
 from service.metrics import NO_QUALITY, Metrics, endpoint_label, status_class
 
@@ -28,6 +27,9 @@ STARTED_STATE_KEY = "lalic_started"
 """Key in the request state holding the ``time.monotonic()`` at which the request arrived."""
 REQUEST_ID_STATE_KEY = "lalic_request_id"
 """Key in the request state holding the request id."""
+REFUSED_STATE_KEY = "lalic_refused"
+"""Key in the request state set when the connection refused the request while the app handled it (its
+body came too late): the connection wrote the response and the request line, the middleware does not."""
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode("latin-1")
 
@@ -75,10 +77,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        offered = [value for name, value in scope["headers"] if name == _REQUEST_ID_NAME]
-        request_id = (sane_request_id(offered[0].decode("latin-1")) if len(offered) == 1 else None) or (
-            new_request_id()
-        )
+        request_id = request_id_of(scope["headers"])
         state = scope.setdefault("state", {})
         state[REQUEST_ID_STATE_KEY] = request_id
         token = current_request_id.set(request_id)
@@ -95,18 +94,19 @@ class RequestLogMiddleware:
             await self.app(scope, traffic.receive, traffic.send)
         finally:
             route = scope.get("route")
-            log_request(
-                {
-                    "request_id": request_id,
-                    "method": scope.get("method"),
-                    "route": getattr(route, "path", None),
-                    "status": traffic.status,
-                    "duration_ms": elapsed_ms(started),
-                    "bytes_in": traffic.received,
-                    "bytes_out": traffic.sent,
-                    "quality": state.get(QUALITY_VALUE_STATE_KEY),
-                }
-            )
+            if not state.get(REFUSED_STATE_KEY):
+                log_request(
+                    {
+                        "request_id": request_id,
+                        "method": scope.get("method"),
+                        "route": getattr(route, "path", None),
+                        "status": traffic.status,
+                        "duration_ms": elapsed_ms(started),
+                        "bytes_in": traffic.received,
+                        "bytes_out": traffic.sent,
+                        "quality": state.get(QUALITY_VALUE_STATE_KEY),
+                    }
+                )
             current_request_id.reset(token)
 
 

@@ -16,7 +16,11 @@ or one byte at a time, holds its connection forever. :class:`LimitedH11Protocol`
   off the same time after its headers, :data:`BODY_TIMEOUT_GRACE_S` later than the handler would;
 * a bound on open connections (``max_connections``): requests on connections beyond it get
   503 ``too_many_connections`` and the connection is closed;
-* protocol errors answered as JSON (``{"error", "detail"}``) like every other error.
+* protocol errors answered as JSON (``{"error", "detail", "request_id"}``) like every other error.
+
+Each refusal carries an ``X-Request-ID`` (the client's, when its headers were complete and it sent a
+sane one; else a new one), the same id in its body, and is logged as one request line
+(:func:`service.logs.log_request`) with its status and ``error`` code, as the app logs its requests.
 
 After such a refusal the server stops reading (what still arrives is discarded, never buffered),
 sends the response and half-closes, and closes for good once the client does or after
@@ -30,14 +34,17 @@ import asyncio
 import http
 import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.errors import ErrorCode
+from service.errors import ErrorCode, error_body
+from service.logs import elapsed_ms, log_request, new_request_id, request_id_of
 from service.metrics import Metrics
+from service.middleware import REFUSED_STATE_KEY, REQUEST_ID_STATE_KEY
 from service.settings import Settings
 
 logger = logging.getLogger("service.protocol")
@@ -82,13 +89,20 @@ class Refusal:
     code: ErrorCode
     detail: str
     retry_after_s: int | None = None
+    request_id: str | None = None
+    """The id in ``X-Request-ID`` and in the body (set by :meth:`for_request`)."""
+
+    def for_request(self, request_id: str) -> Refusal:
+        """This refusal, answering the request of id ``request_id``."""
+        return replace(self, request_id=request_id)
 
     def body(self) -> bytes:
-        """The JSON error body."""
-        return json.dumps({"error": self.code.value, "detail": self.detail}).encode()
+        """The JSON error body (:func:`service.errors.error_body`)."""
+        return json.dumps(error_body(self.code, self.detail, self.request_id)).encode()
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        """Response headers: JSON, its length, ``Connection: close`` and any ``Retry-After``."""
+        """Response headers: JSON, its length, ``Connection: close``, any ``Retry-After`` and the
+        ``X-Request-ID``."""
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(self.body())).encode()),
@@ -96,7 +110,28 @@ class Refusal:
         ]
         if self.retry_after_s is not None:
             headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        if self.request_id is not None:
+            headers.append((b"x-request-id", self.request_id.encode("latin-1")))
         return headers
+
+    def log(self, method: str | None, started: float, bytes_in: int) -> None:
+        """Write the request line of this refusal (as :class:`service.middleware.RequestLogMiddleware`
+        does for requests the app answers), with its ``error`` code. ``started``: the perf_counter at
+        which the request could begin (connection made, or the previous response sent); ``bytes_in``:
+        body bytes received."""
+        log_request(
+            {
+                "request_id": self.request_id,
+                "method": method,
+                "route": None,
+                "status": self.status,
+                "duration_ms": elapsed_ms(started),
+                "bytes_in": bytes_in,
+                "bytes_out": len(self.body()),
+                "quality": None,
+                "error": self.code.value,
+            }
+        )
 
     def response(self) -> bytes:
         """The whole HTTP/1.1 response."""
@@ -112,12 +147,16 @@ def head_size(request: h11.Request) -> int:
 
 
 class _LimitedConnection(h11.Connection):
-    """An h11 server connection that refuses oversized heads and remembers why it refused."""
+    """An h11 server connection that refuses oversized heads and remembers why it refused (and the
+    refused request's head, when it was complete)."""
 
     def __init__(self, limits: HttpLimits) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self._limits = limits
         self.refusal: Refusal | None = None
+        self.refused_head: h11.Request | None = None
+        self.body_bytes = 0
+        """Body bytes of the current (or last) request received so far."""
 
     def _too_large(self, detail: str) -> h11.RemoteProtocolError:
         self.refusal = Refusal(431, ErrorCode.HEADERS_TOO_LARGE, detail)
@@ -135,13 +174,18 @@ class _LimitedConnection(h11.Connection):
                 ) from None
             self.refusal = Refusal(400, ErrorCode.BAD_REQUEST, f"malformed HTTP request: {exc}")
             raise
-        if isinstance(event, h11.Request):
+        if isinstance(event, h11.Data):
+            self.body_bytes += len(event.data)
+        elif isinstance(event, h11.Request):
+            self.body_bytes = 0
+            self.refused_head = event  # kept only if refused below
             if len(event.headers) > limits.max_header_count:
                 raise self._too_large(
                     f"{len(event.headers)} headers, more than the limit of {limits.max_header_count}"
                 )
             if head_size(event) > limits.max_header_bytes:
                 raise self._too_large(f"the request line and headers exceed {limits.max_header_bytes} bytes")
+            self.refused_head = None
         return event
 
 
@@ -155,10 +199,13 @@ def _too_many_connections_app(limit: int, metrics: Metrics | None) -> Any:
     )
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
+        started = time.perf_counter()
+        answer = refusal.for_request(request_id_of(scope["headers"]))
         if metrics is not None:
-            metrics.errors_total.labels(code=refusal.code.value).inc()
-        await send({"type": "http.response.start", "status": refusal.status, "headers": refusal.headers()})
-        await send({"type": "http.response.body", "body": refusal.body()})
+            metrics.errors_total.labels(code=answer.code.value).inc()
+        answer.log(scope.get("method"), started, 0)
+        await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers()})
+        await send({"type": "http.response.body", "body": answer.body()})
 
     return app
 
@@ -178,6 +225,7 @@ class LimitedH11Protocol(H11Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind: str | None = None
         self._discarding = False
+        self._request_started = time.perf_counter()
 
     # -- connection life cycle ----------------------------------------------------------------
 
@@ -205,12 +253,17 @@ class LimitedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        self._request_started = time.perf_counter()  # the next request's time starts here
         self._watch()
 
     def send_400_response(self, msg: str) -> None:
         """Answer a protocol error (malformed, or a head over the limits) as JSON and close."""
         refusal = self.conn.refusal or Refusal(400, ErrorCode.BAD_REQUEST, msg)
-        self._refuse(refusal)
+        head = self.conn.refused_head  # the head, if it was complete (too many or too large headers)
+        if head is None:
+            self._refuse(refusal.for_request(new_request_id()))
+        else:
+            self._refuse(refusal.for_request(request_id_of(head.headers)), head.method.decode("latin-1"))
 
     # -- timeouts -----------------------------------------------------------------------------
 
@@ -249,7 +302,8 @@ class LimitedH11Protocol(H11Protocol):
             self.transport.close()
             return
         detail = f"the request headers did not arrive within {self.limits.header_timeout_s:g} s"
-        self._refuse(Refusal(408, ErrorCode.REQUEST_TIMEOUT, detail))
+        # whatever X-Request-ID arrived may be cut off: a new id
+        self._refuse(Refusal(408, ErrorCode.REQUEST_TIMEOUT, detail, request_id=new_request_id()))
 
     def _body_timeout(self) -> None:
         self._timer = self._timer_kind = None
@@ -259,16 +313,27 @@ class LimitedH11Protocol(H11Protocol):
             self.transport.close()  # the handler answered already; nobody reads this body
             return
         detail = f"the request body did not arrive within {self.limits.body_timeout_s:g} s"
-        self._refuse(Refusal(408, ErrorCode.REQUEST_TIMEOUT, detail))
+        refusal = Refusal(408, ErrorCode.REQUEST_TIMEOUT, detail)
+        if self.cycle is None:  # never the case in SEND_BODY; for safety
+            self._refuse(refusal.for_request(new_request_id()))
+            return
+        scope = self.cycle.scope
+        state = scope.setdefault("state", {})
+        # the id the app gave the request (its request-log middleware), else the client's or a new one
+        request_id = state.get(REQUEST_ID_STATE_KEY) or request_id_of(scope["headers"])
+        state[REFUSED_STATE_KEY] = True  # logged here: the app's middleware must not log it again
+        self._refuse(refusal.for_request(request_id), scope.get("method"), self.conn.body_bytes)
 
     # -- refusing -----------------------------------------------------------------------------
 
-    def _refuse(self, refusal: Refusal) -> None:
-        """Send ``refusal``, stop reading and half-close; close when the client does, or after
-        :data:`LINGER_S`."""
+    def _refuse(self, refusal: Refusal, method: str | None = None, body_bytes: int = 0) -> None:
+        """Log and send ``refusal``, stop reading and half-close; close when the client does, or after
+        :data:`LINGER_S`. ``method`` is the request's, when its request line was complete, and
+        ``body_bytes`` what arrived of its body (for the request line)."""
         self._cancel_timer()
         if self.metrics is not None:
             self.metrics.errors_total.labels(code=refusal.code.value).inc()
+        refusal.log(method, self._request_started, body_bytes)
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True  # a handler still running must not write after this
             self.cycle.message_event.set()

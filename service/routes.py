@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from model.bitstream import MAX_QUALITY, MIN_QUALITY, BitstreamError, ModelMismatchError, PixelLimitError
 from model.metrics import bits_per_pixel
 from service.body import MULTIPART_FORM, extract_form_file, media_type_of, read_body
-from service.errors import ErrorCode, ServiceError
+from service.errors import ErrorCode, ServiceError, error_body
 from service.formats import (
     FORMAT_ALIASES,
     FORMAT_FALLBACK_HEADER,
@@ -232,7 +232,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     state = "shutting_down" if runtime.worker.closing else engine.state.value
     detail = "the service is shutting down" if runtime.worker.closing else engine.describe_state()
     return JSONResponse(
-        {"error": ErrorCode.NOT_READY.value, "detail": detail, "status": state},
+        {**error_body(ErrorCode.NOT_READY, detail), "status": state},
         status_code=503,
         headers={"Retry-After": "5"},
     )

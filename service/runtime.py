@@ -56,6 +56,7 @@ class Runtime:
         metrics.track_queue_depth(lambda: worker.depth)
         metrics.track_queue_drain(worker.drain_s)
         metrics.queue_capacity.set(settings.queue_size)
+        metrics.request_timeout.set(settings.request_timeout_s)
         return cls(settings, metrics, engine, worker)
 
     def require_ready(self) -> Engine:

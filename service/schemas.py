@@ -14,14 +14,25 @@ BINARY = {"type": "string", "format": "binary"}
 
 
 class ErrorBody(BaseModel):
-    """Every error response: a fixed machine-readable code and a human-readable detail."""
+    """Every error response: a fixed machine-readable code, a human-readable detail and the request id."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"error": "bad_image", "detail": "not a decodable image"}]}
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "bad_image",
+                    "detail": "not a decodable image",
+                    "request_id": "0f8e3c2a9b7d4e61a5c3f2e1d0b9a877",
+                }
+            ]
+        }
     )
 
     error: str = Field(description="Error code, e.g. bad_image, too_many_pixels, queue_full.")
     detail: str = Field(description="What went wrong, for people.")
+    request_id: str | None = Field(
+        default=None, description="The request id, as in the X-Request-ID response header (for the logs)."
+    )
 
 
 class NotReadyBody(ErrorBody):

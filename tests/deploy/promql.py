@@ -13,7 +13,8 @@ DOCKER = REPO / "docker"
 RULES_DIR = DOCKER / "prometheus" / "rules"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "lalic.json"
 
-# The metrics the service exposes at GET /metrics (the contract of issue 5), by type.
+# The metrics the service exposes at GET /metrics (the contract of issue 5, and issue 36's overload
+# metrics from lalic_jobs_abandoned_total on), by type.
 SERVICE_METRICS: dict[str, str] = {
     "lalic_request_duration_seconds": "histogram",
     "lalic_queue_wait_seconds": "histogram",
@@ -29,6 +30,11 @@ SERVICE_METRICS: dict[str, str] = {
     "lalic_in_flight_requests": "gauge",
     "lalic_models_loaded": "gauge",
     "lalic_queue_capacity": "gauge",
+    "lalic_jobs_abandoned_total": "counter",
+    "lalic_queue_drain_seconds": "gauge",
+    "lalic_request_timeout_seconds": "gauge",
+    "lalic_cost_fixed_seconds": "gauge",
+    "lalic_cost_seconds_per_megapixel": "gauge",
 }
 
 # Series Prometheus itself produces, which dashboards and rules may use besides the service's.

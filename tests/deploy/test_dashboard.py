@@ -143,6 +143,12 @@ def test_latency_panels_have_percentiles_and_150ms_line(dashboard: dict[str, Any
         ("Bits per pixel by quality", "lalic_bits_per_pixel"),
         ("Body size", "lalic_response_body_bytes"),
         ("Error budget burn rate", "lalic:decode_latency_sli:ratio_rate1h"),
+        ("Abandoned jobs by operation", "sum by (operation) (rate(lalic_jobs_abandoned_total"),
+        ("Queue drain time vs request deadline", "lalic_queue_drain_seconds"),
+        ("Queue drain time vs request deadline", "lalic_request_timeout_seconds"),
+        ("Connection refusals by reason", 'code=~"headers_too_large|request_timeout|too_many_connections"'),
+        ("Cost model: fixed seconds per image", "lalic_cost_fixed_seconds"),
+        ("Cost model: seconds per megapixel", "lalic_cost_seconds_per_megapixel"),
     ],
 )
 def test_dashboard_has_required_panels(dashboard: dict[str, Any], title: str, needle: str) -> None:

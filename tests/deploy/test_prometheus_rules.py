@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.errors import ErrorCode
 from tests.deploy.conftest import run_tool, tool
 from tests.deploy.promql import (
     DOCKER,
@@ -33,6 +34,9 @@ REQUIRED_ALERTS = {
     "LalicQueueRejectingRequests",
     "LalicApiTargetDown",
     "LalicApiAbsent",
+    "LalicJobsAbandoned",
+    "LalicQueueDrainAboveDeadline",
+    "LalicConnectionRefusals",
 }
 
 
@@ -163,5 +167,35 @@ def test_rules_use_only_contract_metrics() -> None:
         "lalic_queue_depth",
         "lalic_queue_capacity",
         "lalic_errors_total",
+        "lalic_jobs_abandoned_total",
+        "lalic_queue_drain_seconds",
+        "lalic_request_timeout_seconds",
     ):
         assert name in used and name in SERVICE_METRICS
+
+
+def test_overload_alerts_thresholds() -> None:
+    """The thresholds docker/README.md documents: 3 abandoned jobs a minute for 10 minutes, a drain time
+    above the request deadline for 5 minutes, 12 connection refusals a minute (by code) for 10 minutes."""
+    alerts = alerting_rules()
+    recorded = recording_rules()
+    abandoned = alerts["LalicJobsAbandoned"]
+    assert abandoned["expr"].strip() == "instance_operation:lalic_jobs_abandoned:rate5m > 0.05"
+    assert abandoned["for"] == "10m"
+    assert (
+        "rate(lalic_jobs_abandoned_total[5m])" in recorded["instance_operation:lalic_jobs_abandoned:rate5m"]
+    )
+    drain = alerts["LalicQueueDrainAboveDeadline"]
+    assert drain["expr"].strip() == "instance:lalic_queue_drain:ratio_request_timeout > 1"
+    assert drain["for"] == "5m"
+    assert recorded["instance:lalic_queue_drain:ratio_request_timeout"].strip() == (
+        "lalic_queue_drain_seconds / lalic_request_timeout_seconds"
+    )
+    refusals = alerts["LalicConnectionRefusals"]
+    assert refusals["expr"].strip() == "instance_code:lalic_connection_refusals:rate5m > 0.2"
+    assert refusals["for"] == "10m"
+    expr = recorded["instance_code:lalic_connection_refusals:rate5m"]
+    assert 'code=~"headers_too_large|request_timeout|too_many_connections"' in expr
+    codes = {code.value for code in ErrorCode}
+    assert {"headers_too_large", "request_timeout", "too_many_connections"} <= codes
+    assert "by (job, instance, code)" in expr

@@ -62,7 +62,11 @@ def bearer(key: str) -> dict[str, str]:
 
 def assert_refused(response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
-    assert response.json() == {"error": code, "detail": response.json()["detail"]}
+    assert response.json() == {
+        "error": code,
+        "detail": response.json()["detail"],
+        "request_id": response.headers["x-request-id"],
+    }
     assert response.headers["www-authenticate"].startswith('Bearer realm="lalic"')
     assert KEY_A not in response.text and KEY_B not in response.text
 
@@ -216,6 +220,11 @@ async def test_request_ids(make_client: Factory) -> None:
         assert response.headers["x-request-id"] != insane and len(response.headers["x-request-id"]) == 32
     refused = await http.get("/v1/models", headers={"x-request-id": "refused-1"})
     assert refused.status_code == 401 and refused.headers["x-request-id"] == "refused-1"
+    assert refused.json()["request_id"] == "refused-1"  # error bodies carry the id too
+    loading = await http.get("/readyz", headers={"x-request-id": "ready-1"})
+    assert loading.status_code == 503 and loading.json()["request_id"] == "ready-1"
+    unready = await http.post("/compress?quality=3", content=b"x", headers={**PNG, **bearer(KEY_A)})
+    assert unready.status_code == 503 and unready.json()["request_id"] == unready.headers["x-request-id"]
     app: FastAPI = http.app  # type: ignore[attr-defined]
 
     @app.get("/boom")
@@ -224,3 +233,8 @@ async def test_request_ids(make_client: Factory) -> None:
 
     crashed = await http.get("/boom", headers={**bearer(KEY_A), "x-request-id": "crash-1"})
     assert crashed.status_code == 500 and crashed.headers["x-request-id"] == "crash-1"
+    assert crashed.json() == {
+        "error": "internal_error",
+        "detail": "internal server error",
+        "request_id": "crash-1",
+    }

@@ -204,3 +204,19 @@ def test_a_full_queue_says_when_it_will_have_drained() -> None:
     assert refused.value.headers == {"Retry-After": "2"}  # 3 x 0.502 s queued
     drain = rt.metrics.registry.get_sample_value("lalic_queue_drain_seconds")
     assert drain == pytest.approx(3 * (FIXED_S + PER_PIXEL_S * 4096))
+
+
+def test_the_overload_metrics_are_exposed_from_the_start() -> None:
+    """What the alerts compare: the drain time against the deadline; abandoned jobs at 0 before any, so
+    that rate() sees the first one; the cost model's parameters per operation."""
+    rt = runtime()
+    sample = rt.metrics.registry.get_sample_value
+    assert sample("lalic_request_timeout_seconds") == TIMEOUT_S
+    assert sample("lalic_queue_drain_seconds") == 0
+    for operation in (COMPRESS, DECOMPRESS):
+        assert sample("lalic_jobs_abandoned_total", {"operation": operation}) == 0
+        assert sample("lalic_cost_fixed_seconds", {"operation": operation}) == pytest.approx(FIXED_S)
+        per_megapixel = sample("lalic_cost_seconds_per_megapixel", {"operation": operation})
+        assert per_megapixel == pytest.approx(PER_PIXEL_S * 1e6)
+    queue(rt, MEGA, 2)
+    assert sample("lalic_queue_drain_seconds") == pytest.approx(2 * MEGA_S)
