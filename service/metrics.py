@@ -25,6 +25,8 @@ LATENCY_BUCKETS = (
     2.5,
     5,
 )
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, *LATENCY_BUCKETS)
+"""Request stages can take well under a millisecond (a parse, a hand-off)."""
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 BYTE_BUCKETS = (1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7, 5e7)
 BPP_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 4)
@@ -74,6 +76,15 @@ class Metrics:
             "Time from request start to response end.",
             ["endpoint", "quality"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_stage = Histogram(
+            "lalic_request_stage_seconds",
+            "Consecutive stages of a successful request, arrival to response end (they add up to "
+            "lalic_request_duration_seconds): read_body, decode_image or parse, queue, codec, handoff, "
+            "encode_image, respond.",
+            ["endpoint", "stage"],
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(

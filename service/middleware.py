@@ -16,6 +16,7 @@ from service.logs import (
     request_id_of,
 )
 from service.metrics import NO_QUALITY, Metrics, endpoint_label, status_class
+from service.timeline import RESPOND, TIMELINE_STATE_KEY, Timeline
 
 logger = logging.getLogger("service.middleware")
 
@@ -124,6 +125,7 @@ class RequestMetricsMiddleware:
         started = time.perf_counter()
         state = scope.setdefault("state", {})
         state[STARTED_STATE_KEY] = time.monotonic()
+        timeline = state[TIMELINE_STATE_KEY] = Timeline(state[STARTED_STATE_KEY])
         endpoint = endpoint_label(scope["path"])
         traffic = _Traffic(receive, send, status=500)
         self.metrics.in_flight.inc()
@@ -137,6 +139,10 @@ class RequestMetricsMiddleware:
                 time.perf_counter() - started
             )
             m.requests_total.labels(endpoint=endpoint, status_class=status_class(traffic.status)).inc()
+            if timeline.stages and status_class(traffic.status) == "2xx":
+                timeline.mark(RESPOND)
+                for stage, seconds in timeline.stages:
+                    m.request_stage.labels(endpoint=endpoint, stage=stage).observe(seconds)
             m.response_body_bytes.labels(endpoint=endpoint).observe(traffic.sent)
             if scope.get("method") in _BODY_METHODS:
                 m.request_body_bytes.labels(endpoint=endpoint).observe(traffic.received)

@@ -38,6 +38,7 @@ from service.schemas import (
     ModelsBody,
     ReadyBody,
 )
+from service.timeline import DECODE_IMAGE, ENCODE_IMAGE, PARSE, READ_BODY, timeline_of
 
 BITSTREAM_INPUT_TYPES = frozenset({BITSTREAM_MEDIA_TYPE, "application/octet-stream", ""})
 IMAGE_FIELD = "image"
@@ -123,7 +124,9 @@ async def compress(
             f"quality {quality:g} is not served (one network per quality: {list(settings.qualities)})",
         )
     deadline = runtime.deadline_of(request)
+    timeline = timeline_of(request.scope)
     data = await _read_image_bytes(request, runtime)
+    timeline.mark(READ_BODY)
 
     def admit(height: int, width: int) -> None:  # before the pixels are decoded
         runtime.admit(engine.compress_key(height, width, quality), height, width, deadline)
@@ -131,9 +134,10 @@ async def compress(
     image = await run_in_threadpool(
         decode_image, data, max_pixels=settings.max_pixels, min_side=settings.min_side, check_size=admit
     )
+    timeline.mark(DECODE_IMAGE)
     height, width = image.shape[:2]
     key = engine.compress_key(height, width, quality)
-    stream: bytes = await runtime.run(key, image, deadline, height, width)
+    stream: bytes = await runtime.run(key, image, deadline, height, width, timeline)
     bpp = bits_per_pixel(len(stream), height, width)
     runtime.metrics.bits_per_pixel.labels(quality=label).observe(bpp)
     headers = {
@@ -167,7 +171,9 @@ async def decompress(
     media_type = media_type_of(request.headers.get("content-type"))
     if media_type not in BITSTREAM_INPUT_TYPES:
         raise _unsupported_media_type(media_type, [BITSTREAM_MEDIA_TYPE, "application/octet-stream"])
+    timeline = timeline_of(request.scope)
     data = await read_body(request, runtime.settings.max_body_bytes, runtime.settings.body_timeout_s)
+    timeline.mark(READ_BODY)
     try:
         container = engine.parse(data)  # the one parse: the worker decodes this container
     except PixelLimitError as exc:
@@ -179,6 +185,7 @@ async def decompress(
         raise ServiceError(400, ErrorCode.MODEL_MISMATCH, str(exc)) from None
     except BitstreamError as exc:
         raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
+    timeline.mark(PARSE)
     header = container.header
     _set_quality_label(request, header.quality)
     requested = FORMAT_ALIASES[output_format] if output_format else None
@@ -188,12 +195,13 @@ async def decompress(
         raise ServiceError(422, ErrorCode.INVALID_PARAMETER, str(exc)) from None
     try:
         key = engine.decompress_key(header)
-        image = await runtime.run(key, container, deadline, header.height, header.width)
+        image = await runtime.run(key, container, deadline, header.height, header.width, timeline)
     except ModelMismatchError as exc:  # a lazy set checks the weights digest once the network loads
         raise ServiceError(400, ErrorCode.MODEL_MISMATCH, str(exc)) from None
     except ValueError as exc:  # BitstreamError, or the codec refusing what the stream asks for
         raise ServiceError(400, ErrorCode.BAD_BITSTREAM, f"malformed bitstream: {exc}") from None
     body = await run_in_threadpool(encode_image, image, choice.format)
+    timeline.mark(ENCODE_IMAGE)
     headers = {
         "Vary": "Accept",
         "X-Lalic-Quality": format_quality(header.quality),

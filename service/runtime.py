@@ -24,6 +24,7 @@ from service.errors import ErrorCode, ServiceError, unavailable
 from service.metrics import Metrics
 from service.middleware import request_started
 from service.settings import Settings
+from service.timeline import CODEC, HANDOFF, QUEUE, Timeline
 from service.worker import BatchWorker, DeadlineExceededError, Job, QueueFullError, WorkerClosedError
 
 NOT_READY_RETRY_S = 5.0
@@ -116,8 +117,17 @@ class Runtime:
         """When to retry after a refusal: the estimated time until the queue has drained."""
         return self.worker.drain_s()
 
-    async def run(self, key: BatchKey, payload: Any, deadline: float, height: int, width: int) -> Any:
-        """Admit a job (:meth:`admit`), queue it and await its result without blocking the event loop.
+    async def run(
+        self,
+        key: BatchKey,
+        payload: Any,
+        deadline: float,
+        height: int,
+        width: int,
+        timeline: Timeline | None = None,
+    ) -> Any:
+        """Admit a job (:meth:`admit`), queue it and await its result without blocking the event loop;
+        ``timeline`` gets the stages queue, codec and handoff of a job that succeeded.
 
         Raises:
             ServiceError: 413 or 503 from admission, 503 when the queue is full, the worker is closing
@@ -137,9 +147,14 @@ class Runtime:
         except WorkerClosedError:
             raise unavailable(ErrorCode.SHUTTING_DOWN, "the service is shutting down") from None
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=deadline - time.monotonic())
+            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=deadline - time.monotonic())
         except (TimeoutError, DeadlineExceededError):
             raise self._deadline_error() from None
+        if timeline is not None:
+            timeline.until(QUEUE, job.started)
+            timeline.until(CODEC, job.finished)
+            timeline.mark(HANDOFF)  # back on the event loop
+        return result
 
     def _deadline_error(self) -> ServiceError:
         return unavailable(

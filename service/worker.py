@@ -78,6 +78,8 @@ class Job:
     drain estimates. Jobs with equal keys must have equal costs."""
     enqueued: float = 0.0
     started: float = 0.0
+    finished: float = 0.0
+    """``time.monotonic()`` values: queued, batch started, result ready (0 until then)."""
     future: Future[Any] = field(default_factory=Future)
 
 
@@ -313,7 +315,9 @@ class BatchWorker:
             for job in live:
                 self._execute_alone(job, nested)
             return
+        finished = time.monotonic()
         for job, result in zip(live, results, strict=True):
+            job.finished = finished
             job.future.set_result(result)
 
     def _execute_alone(self, job: Job, nested: bool) -> None:
@@ -323,6 +327,7 @@ class BatchWorker:
         except Exception as exc:  # handed to the waiting request
             job.future.set_exception(exc)
         else:
+            job.finished = time.monotonic()
             job.future.set_result(result)
 
     def _run(self, jobs: list[Job], nested: bool) -> Sequence[Any]:

@@ -18,6 +18,7 @@ DASHBOARD = DOCKER / "grafana" / "dashboards" / "lalic.json"
 SERVICE_METRICS: dict[str, str] = {
     "lalic_request_duration_seconds": "histogram",
     "lalic_queue_wait_seconds": "histogram",
+    "lalic_request_stage_seconds": "histogram",
     "lalic_model_compute_seconds": "histogram",
     "lalic_entropy_coding_seconds": "histogram",
     "lalic_batch_size": "histogram",

@@ -149,6 +149,8 @@ def test_latency_panels_have_percentiles_and_150ms_line(dashboard: dict[str, Any
         ("Connection refusals by reason", 'code=~"headers_too_large|request_timeout|too_many_connections"'),
         ("Cost model: fixed seconds per image", "lalic_cost_fixed_seconds"),
         ("Cost model: seconds per megapixel", "lalic_cost_seconds_per_megapixel"),
+        ("Request stages of /decompress", 'lalic_request_stage_seconds_sum{endpoint="decompress"'),
+        ("Request stages of /compress", 'lalic_request_stage_seconds_count{endpoint="compress"'),
     ],
 )
 def test_dashboard_has_required_panels(dashboard: dict[str, Any], title: str, needle: str) -> None:
