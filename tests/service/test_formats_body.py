@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import httpx
+import imagecodecs
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,7 +15,15 @@ from PIL import Image
 
 from service.body import extract_form_file, media_type_of
 from service.errors import ServiceError
-from service.formats import MAX_SIDE, Choice, FormatLimitError, OutputFormat, encode_image, negotiate
+from service.formats import (
+    LIBPNG_MAX_SIDE,
+    MAX_SIDE,
+    Choice,
+    FormatLimitError,
+    OutputFormat,
+    encode_image,
+    negotiate,
+)
 from service.metrics import endpoint_label, quality_label, status_class
 
 
@@ -56,6 +66,16 @@ def test_every_encoder_limit_is_pillows() -> None:
             with pytest.raises((ValueError, OSError)):
                 Image.fromarray(np.zeros(shape, dtype=np.uint8)).save(buffer, format=fmt.name)
     assert Image.open(io.BytesIO(encode_image(np.zeros((1, 70_000, 3), np.uint8), OutputFormat.PNG)))
+
+
+@pytest.mark.parametrize("width", [LIBPNG_MAX_SIDE, LIBPNG_MAX_SIDE + 1])
+def test_png_output_is_exact_on_both_sides_of_libpngs_limit(width: int) -> None:
+    """libpng (fast) writes up to a million pixels a side; Pillow writes wider images."""
+    image = np.random.default_rng(width).integers(0, 256, (2, width, 3), dtype=np.uint8)
+    data = encode_image(image, OutputFormat.PNG)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
+    with pytest.raises(imagecodecs.PngError) if width > LIBPNG_MAX_SIDE else contextlib.nullcontext():
+        imagecodecs.png_encode(image)
 
 
 @pytest.mark.parametrize(
