@@ -220,3 +220,23 @@ def test_lalic_export_writes_one_folder_per_network(
     assert np.array_equal(exported.decompress(data), codecs.decompress(data))
     assert exported.loaded == (3.0,)
     assert "exporting" not in caplog.text  # each network loaded its own folder, none exported again
+
+
+def test_tiling_and_the_orientation_search_work_on_a_set(
+    codecs: CodecSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model import tiling
+
+    monkeypatch.setattr(tiling, "MAX_TILE_PIXELS", 64 * 64)  # tiles of 64x64, as test_tiling does
+    monkeypatch.setattr(tiling, "TILE", 64)
+    monkeypatch.setattr(tiling.compress_tiled, "__defaults__", (64,))
+    image = (np.random.default_rng(3).random((96, 160, 3)) * 255).astype(np.uint8)
+    tiled = codecs.compress(image, 6)
+    assert codecs.read_header(tiled).tiling != (0, 0, 0)
+    assert tiled == codecs.codec(6).compress(image, 6)
+    assert np.array_equal(codecs.decompress(tiled), codecs.codec(6).decompress(tiled))
+    monkeypatch.undo()
+    searched = codecs.compress(image, 1, orientations=(0, 1, 2, 3))
+    assert searched == codecs.codec(1).compress(image, 1, orientations=(0, 1, 2, 3))
+    assert codecs.read_header(searched).orientation == 3  # this random image codes cheapest turned 180 degrees
+    assert np.array_equal(codecs.decompress(searched), codecs.codec(1).decompress(searched))
