@@ -238,5 +238,5 @@ def test_tiling_and_the_orientation_search_work_on_a_set(
     monkeypatch.undo()
     searched = codecs.compress(image, 1, orientations=(0, 1, 2, 3))
     assert searched == codecs.codec(1).compress(image, 1, orientations=(0, 1, 2, 3))
-    assert codecs.read_header(searched).orientation == 3  # this random image codes cheapest turned 180 degrees
+    assert codecs.read_header(searched).orientation == 3  # cheapest turned 180 degrees
     assert np.array_equal(codecs.decompress(searched), codecs.codec(1).decompress(searched))
