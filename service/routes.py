@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import numpy as np
@@ -108,6 +109,14 @@ async def compress(
     ],
 ) -> Response:
     """Compress the request image (raw image body or multipart field ``image``) at ``quality``."""
+    with runtime.preparing() as submitting:
+        return await _compress(request, runtime, quality, submitting)
+
+
+async def _compress(
+    request: Request, runtime: Runtime, quality: float, submitting: Callable[[], None]
+) -> Response:
+    """/compress; ``submitting`` is called when its job goes to the worker (:meth:`Runtime.preparing`)."""
     label = _set_quality_label(request, quality)
     settings = runtime.settings
     if not settings.quality_served(quality):
@@ -137,7 +146,7 @@ async def compress(
     timeline.mark(DECODE_IMAGE)
     height, width = image.shape[:2]
     key = engine.compress_key(height, width, quality)
-    stream: bytes = await runtime.run(key, image, deadline, height, width, timeline)
+    stream: bytes = await runtime.run(key, image, deadline, height, width, timeline, submitting)
     bpp = bits_per_pixel(len(stream), height, width)
     runtime.metrics.bits_per_pixel.labels(quality=label).observe(bpp)
     headers = {
@@ -166,6 +175,14 @@ async def decompress(
     ] = None,
 ) -> Response:
     """Decode the bitstream body; the image format follows ``format``, else ``Accept``, else PNG."""
+    with runtime.preparing() as submitting:
+        return await _decompress(request, runtime, output_format, submitting)
+
+
+async def _decompress(
+    request: Request, runtime: Runtime, output_format: str | None, submitting: Callable[[], None]
+) -> Response:
+    """/decompress; ``submitting`` is called when its job goes to the worker (:meth:`Runtime.preparing`)."""
     engine = runtime.require_ready()
     deadline = runtime.deadline_of(request)
     media_type = media_type_of(request.headers.get("content-type"))
@@ -195,7 +212,7 @@ async def decompress(
         raise ServiceError(422, ErrorCode.INVALID_PARAMETER, str(exc)) from None
     try:
         key = engine.decompress_key(header)
-        image = await runtime.run(key, container, deadline, header.height, header.width, timeline)
+        image = await runtime.run(key, container, deadline, header.height, header.width, timeline, submitting)
     except ModelMismatchError as exc:  # a lazy set checks the weights digest once the network loads
         raise ServiceError(400, ErrorCode.MODEL_MISMATCH, str(exc)) from None
     except ValueError as exc:  # BitstreamError, or the codec refusing what the stream asks for

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,14 +40,23 @@ class Runtime:
     metrics: Metrics
     engine: Engine
     worker: BatchWorker
+    preparing_count: int = 0
+    """/compress and /decompress requests on their way to the worker: reading the body, decoding the
+    image or parsing the stream (changed on the event loop only; the worker thread reads it)."""
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
         """Wire an engine to a batching worker (nothing starts yet)."""
         metrics = Metrics()
         engine = Engine(settings, metrics)
+        runtime: Runtime | None = None
+
+        def expecting() -> bool:  # a job may come soon: worth waiting for a batch to fill
+            return runtime is not None and runtime.preparing_count > 0
+
         worker = BatchWorker(
             engine.run_batch,
+            expecting=expecting,
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_s,
             queue_size=settings.queue_size,
@@ -58,7 +69,27 @@ class Runtime:
         metrics.track_queue_drain(worker.drain_s)
         metrics.queue_capacity.set(settings.queue_size)
         metrics.request_timeout.set(settings.request_timeout_s)
-        return cls(settings, metrics, engine, worker)
+        runtime = cls(settings, metrics, engine, worker)
+        return runtime
+
+    @contextmanager
+    def preparing(self) -> Iterator[Callable[[], None]]:
+        """Count a request as on its way to the worker until it calls the yielded function (just
+        before its job is queued) or ends: the worker waits up to ``max_batch_delay_ms`` for a batch
+        to fill only while some request is on its way, so a lone request never waits for it."""
+        pending = True
+
+        def submitting() -> None:
+            nonlocal pending
+            if pending:
+                pending = False
+                self.preparing_count -= 1
+
+        self.preparing_count += 1
+        try:
+            yield submitting
+        finally:
+            submitting()
 
     def require_ready(self) -> Engine:
         """The engine, or 503 while the model is loading (or failed to load)."""
@@ -125,9 +156,11 @@ class Runtime:
         height: int,
         width: int,
         timeline: Timeline | None = None,
+        submitting: Callable[[], None] | None = None,
     ) -> Any:
         """Admit a job (:meth:`admit`), queue it and await its result without blocking the event loop;
-        ``timeline`` gets the stages queue, codec and handoff of a job that succeeded.
+        ``timeline`` gets the stages queue, codec and handoff of a job that succeeded; ``submitting``
+        (from :meth:`preparing`) is called just before the job is queued.
 
         Raises:
             ServiceError: 413 or 503 from admission, 503 when the queue is full, the worker is closing
@@ -138,6 +171,8 @@ class Runtime:
             raise self._deadline_error()
         cost = self.admit(key, height, width, deadline)
         job = Job(key=key, payload=payload, deadline=deadline, cost=cost)
+        if submitting is not None:
+            submitting()  # before submit: the worker then sees whether anything else is on its way
         try:
             future = self.worker.submit(job)
         except QueueFullError:

@@ -125,11 +125,14 @@ class BatchWorker:
         on_batch: Callable[[Sequence[Job]], None] | None = None,
         on_done: BatchTimeCallback | None = None,
         on_abandoned: BatchTimeCallback | None = None,
+        expecting: Callable[[], bool] | None = None,
         name: str = "lalic-worker",
     ) -> None:
         """``startup`` runs first in the worker thread (model loading); ``on_batch`` sees each batch
         about to run, ``on_done`` each finished batch and its run time, ``on_abandoned`` each batch
-        stopped at a checkpoint and the time it had run."""
+        stopped at a checkpoint and the time it had run. ``expecting`` says whether more jobs may be
+        queued soon; while it is false a batch runs at once instead of waiting ``max_batch_delay_s``
+        to fill (default: always wait)."""
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_batch_delay_s = max_batch_delay_s
@@ -138,6 +141,7 @@ class BatchWorker:
         self._on_batch = on_batch
         self._on_done = on_done
         self._on_abandoned = on_abandoned
+        self._expecting = expecting or (lambda: True)
         self._pending: list[Job] = []
         self._running: list[_Running] = []
         self._last_done = (float("-inf"), 0.0)
@@ -272,7 +276,8 @@ class BatchWorker:
                     self._cond.wait()
                     continue
                 remaining = batch[0].enqueued + self._max_batch_delay_s - time.monotonic()
-                if len(batch) >= self._max_batch_size or remaining <= 0 or self._closing:
+                full = len(batch) >= self._max_batch_size
+                if full or remaining <= 0 or self._closing or not self._expecting():
                     return self._take(batch)
                 self._cond.wait(remaining)
 

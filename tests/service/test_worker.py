@@ -75,6 +75,25 @@ def test_waits_for_a_batch_to_fill_but_not_longer_than_the_delay() -> None:
     worker.close(timeout=5)
 
 
+def test_a_lone_job_does_not_wait_for_a_batch_when_nothing_else_is_coming() -> None:
+    recorder = Recorder()
+    coming = threading.Event()
+    worker = BatchWorker(
+        recorder, max_batch_size=4, max_batch_delay_s=0.5, queue_size=8, expecting=coming.is_set
+    )
+    worker.start()
+    started = time.monotonic()
+    assert worker.submit(job("A", 1)).result(timeout=5)
+    assert time.monotonic() - started < 0.25  # nothing on its way: no 0.5 s wait
+    coming.set()  # a request is being read: worth waiting for it
+    first = worker.submit(job("A", 2))
+    time.sleep(0.1)
+    second = worker.submit(job("A", 3))
+    assert first.result(timeout=5) and second.result(timeout=5)
+    assert recorder.batches == [[1], [2, 3]]
+    worker.close(timeout=5)
+
+
 def test_queue_is_bounded() -> None:
     worker = make_worker(Recorder(), queue_size=2, max_batch_size=1)
     worker.submit(job("A", 1))  # the batch being formed: not waiting
