@@ -23,14 +23,20 @@ results decide the coding distributions, so encoder and decoder must compute the
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
 from model.context import ParameterNet
 from model.lalic import LALIC, interpolated_gain
+from model.layers import SpatialMix
 
 ENTROPY_STAGES = ("hyper_synthesis", "channel", "spatial", "params")
 """Kinds of stage on the entropy-parameter path (their float results decide the coding distributions)."""
+SYNTHESIS_PRECISIONS = ("float32", "bfloat16")
+"""Precisions g_s can run in (:func:`stage_modules`); g_s is not on the entropy path, so its precision
+moves pixels, never the decoded latents."""
 
 
 def stage_kind(name: str) -> str:
@@ -64,6 +70,34 @@ class Gained(nn.Module):
         return self.transform(x) * gain
 
 
+class BFloat16Synthesis(nn.Module):
+    """The synthesis stage (:class:`Gained` g_s) in bfloat16, float32 in and out (issue 39).
+
+    The inverse gain is applied in float32; every layer of g_s but the last then runs in bfloat16
+    with its weights stored so, once, at construction (oneDNN's AVX512-BF16 kernels; no casts per
+    call but one at each end). Kept in float32: BiWKV's decay and boost (its scan runs in float32
+    anyway, :func:`model.layers.biwkv`) and g_s's last transposed convolution, which writes the
+    RGB image: in bfloat16 (8-bit mantissa) it alone costs most of the PSNR lost (BENCHMARKS.md,
+    "g_s in bfloat16").
+    """
+
+    def __init__(self, synthesis: Gained) -> None:
+        super().__init__()
+        layers = list(synthesis.transform)
+        body = copy.deepcopy(nn.Sequential(*layers[:-1])).to(torch.bfloat16)
+        for module in body.modules():
+            if isinstance(module, SpatialMix):
+                module.decay.data = module.decay.data.float()
+                module.boost.data = module.boost.data.float()
+        self.body = body
+        self.last = copy.deepcopy(layers[-1])
+        self.register_buffer("log_gain", synthesis.log_gain.detach().clone())
+
+    def forward(self, y: Tensor, quality: Tensor) -> Tensor:
+        gain = interpolated_gain(self.log_gain, quality)
+        return self.last(self.body((y * gain).to(torch.bfloat16)).float())
+
+
 class SplitParams(nn.Module):
     """A parameter network returning ``(scales, means)`` as two tensors (scriptable, exportable)."""
 
@@ -85,15 +119,19 @@ def gain_tables(net: LALIC) -> tuple[Tensor, Tensor]:
     return zeros, zeros
 
 
-def stage_modules(net: LALIC) -> dict[str, nn.Module]:
-    """Every stage of a network prepared for inference, by name (see the module docstring)."""
+def stage_modules(net: LALIC, synthesis_precision: str = "float32") -> dict[str, nn.Module]:
+    """Every stage of a network prepared for inference, by name (see the module docstring);
+    ``synthesis_precision`` (:data:`SYNTHESIS_PRECISIONS`) chooses g_s's."""
+    if synthesis_precision not in SYNTHESIS_PRECISIONS:
+        raise ValueError(f"synthesis precision {synthesis_precision!r} is not one of {SYNTHESIS_PRECISIONS}")
     ctx = net.context
     log_gain, log_inverse_gain = gain_tables(net)
+    synthesis = Gained(net.g_s, log_inverse_gain, at_input=True)
     stages: dict[str, nn.Module] = {
         "analysis": Gained(net.g_a, log_gain, at_input=False),
         "hyper_analysis": net.h_a,
         "hyper_synthesis": net.h_s,
-        "synthesis": Gained(net.g_s, log_inverse_gain, at_input=True),
+        "synthesis": BFloat16Synthesis(synthesis) if synthesis_precision == "bfloat16" else synthesis,
     }
     for k in range(len(ctx.slices)):
         if k:

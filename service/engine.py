@@ -219,6 +219,7 @@ class Engine:
             "device": device,
             "backend": self.settings.backend,
             "entropy_threads": self.settings.entropy_threads,
+            "synthesis_precision": self.settings.synthesis_precision,
         }
         if self.settings.random_weights:
             return Codec.random(config=self.settings.model, seed=0, **options)

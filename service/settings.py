@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the worker; unset = torch's default."
     )
+    synthesis_precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Precision of the synthesis transform g_s (decoding only): bfloat16 is faster on "
+        "CPUs with AVX512-BF16 or AMX (about 0.7x g_s's time on an AMD EPYC) and changes decoded pixels "
+        "slightly (PSNR within 0.02 dB on Kodak), never the bitstreams; needs backend torch or "
+        "torchscript.",
+    )
     entropy_threads: int = Field(
         2,
         ge=1,
@@ -223,6 +230,15 @@ class Settings(BaseSettings):
         """``weights`` and ``random_weights`` are mutually exclusive."""
         if self.random_weights and self.weights is not None:
             raise ValueError("set either weights or random_weights, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> Settings:
+        """bfloat16 g_s runs in torch (eager or scripted), not in ONNX Runtime."""
+        if self.synthesis_precision != "float32" and self.backend == "onnxruntime":
+            raise ValueError(
+                f"synthesis_precision {self.synthesis_precision} needs backend torch or torchscript"
+            )
         return self
 
     def load_api_keys(self) -> tuple[str, ...]:

@@ -1,0 +1,140 @@
+"""g_s in bfloat16 against float32: PSNR change on all of Kodak per quality, and decode time.
+
+Run from the repository root with the venv active, e.g.::
+
+    python bench/precision.py                        # shipped weights, torch, 24 images x 6 qualities
+    python bench/precision.py --limit 4 --qualities 6 --out /tmp/precision
+
+Every Kodak image is compressed once per quality (float32 codec: the stream does not depend on g_s's
+precision) and decoded by a float32 and a bfloat16 codec (``synthesis_precision``); reported per
+quality: the mean and the worst PSNR change (bfloat16 minus float32, dB) and the largest pixel
+difference. Then kodim23 (768x512) at quality 3 is decoded ``--runs`` times by each codec,
+alternating, and the median decode and g_s (the codec's ``synthesis`` timing) are reported.
+Results: ``--out``/``precision.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(1, str(ROOT))
+from codec import machine, test_image  # noqa: E402
+
+from model.paths import KODAK_DIR  # noqa: E402
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="torch", choices=("torch", "torchscript"))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--qualities", type=float, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    parser.add_argument("--limit", type=int, default=24, help="Kodak images (default all 24)")
+    parser.add_argument("--runs", type=int, default=9, help="timed decodes per precision")
+    parser.add_argument("--out", type=Path, default=None, help="write precision.{json,md} here")
+    args = parser.parse_args(argv)
+
+    import torch
+    from PIL import Image
+
+    from model.codec import Codec
+
+    torch.set_num_threads(args.threads)
+    codecs = {
+        p: Codec.from_pretrained(backend=args.backend, synthesis_precision=p) for p in ("float32", "bfloat16")
+    }
+    files = sorted(KODAK_DIR.glob("kodim*.png"))[: args.limit]
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    rows = []
+    for quality in args.qualities:
+        deltas, diffs = [], []
+        for image in tqdm(images, desc=f"quality {quality:g}", leave=False):
+            stream = codecs["float32"].compress(image, quality)
+            exact = codecs["float32"].decompress(stream)
+            fast = codecs["bfloat16"].decompress(stream)
+            deltas.append(psnr(image, fast) - psnr(image, exact))
+            diffs.append(int(np.abs(fast.astype(int) - exact.astype(int)).max()))
+        rows.append(
+            {
+                "quality": quality,
+                "mean_dpsnr_db": statistics.mean(deltas),
+                "worst_dpsnr_db": min(deltas),
+                "max_pixel_diff": max(diffs),
+                "images": len(deltas),
+            }
+        )
+    image = test_image(768, 512)
+    stream = codecs["float32"].compress(image, 3.0)
+    times: dict[str, list[float]] = {p: [] for p in codecs}
+    synthesis: dict[str, list[float]] = {p: [] for p in codecs}
+    for codec in codecs.values():  # warm-up
+        codec.decompress(stream)
+    for _ in range(args.runs):
+        for precision, codec in codecs.items():
+            timings: dict[str, float] = {}
+            started = time.perf_counter()
+            codec.decompress_batch([stream], timings)
+            times[precision].append(time.perf_counter() - started)
+            synthesis[precision].append(timings["synthesis"])
+    timing = {
+        p: {
+            "decode_ms": statistics.median(times[p]) * 1e3,
+            "synthesis_ms": statistics.median(synthesis[p]) * 1e3,
+        }
+        for p in codecs
+    }
+    meta = {
+        "command": "python bench/precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+    }
+    lines = [
+        "# g_s in bfloat16 against float32 (issue 39)",
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Date: {meta['date']}; machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; "
+        f"backend {args.backend}, {args.threads} torch threads, shipped weights",
+        "",
+        "| quality | images | mean PSNR change dB | worst dB | largest pixel difference |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['quality']:g} | {r['images']} | {r['mean_dpsnr_db']:+.4f} | {r['worst_dpsnr_db']:+.4f} | "
+            f"{r['max_pixel_diff']} |"
+        )
+    lines += [
+        "",
+        f"Decode of kodim23 (768x512) at quality 3, median of {args.runs}, alternating:",
+        "",
+        "| g_s precision | decode ms | of which g_s ms |",
+        "| --- | --- | --- |",
+    ]
+    for p, t in timing.items():
+        lines.append(f"| {p} | {t['decode_ms']:.1f} | {t['synthesis_ms']:.1f} |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "precision.md").write_text(report)
+        raw = {"meta": meta, "rows": rows, "timing": timing, "times": times, "synthesis": synthesis}
+        (args.out / "precision.json").write_text(json.dumps(raw, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
