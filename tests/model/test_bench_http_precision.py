@@ -1,0 +1,45 @@
+"""The issue-39 benchmark scripts run end to end at their smallest settings and report what they say."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.model.bench_scripts import load_bench_script
+
+
+def test_precision_reports_psnr_changes_and_timings(tmp_path: Path) -> None:
+    precision = load_bench_script("precision")
+    args = ["--limit", "1", "--qualities", "6", "--runs", "1", "--out", str(tmp_path)]
+    assert precision.main(args) == 0
+    raw = json.loads((tmp_path / "precision.json").read_text())
+    (row,) = raw["rows"]
+    assert row["quality"] == 6 and row["images"] == 1
+    assert -0.1 < row["mean_dpsnr_db"] < 0.1 and 0 < row["max_pixel_diff"] <= 8
+    assert set(raw["timing"]) == {"float32", "bfloat16"}
+    assert "| 6 | 1 |" in (tmp_path / "precision.md").read_text()
+
+
+def test_http_path_reports_the_servers_stages(tmp_path: Path) -> None:
+    http_path = load_bench_script("http_path")
+    args = ["--backend", "torch", "--requests", "1", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)]
+    assert http_path.main(args) == 0
+    rows = {row["operation"]: row for row in json.loads((tmp_path / "http_path.json").read_text())["rows"]}
+    assert set(rows["decompress"]["stages_ms"]) == {
+        "read_body",
+        "parse",
+        "queue",
+        "codec",
+        "handoff",
+        "encode_image",
+        "respond",
+    }
+    assert set(rows["compress"]["stages_ms"]) == {
+        "read_body",
+        "decode_image",
+        "queue",
+        "codec",
+        "handoff",
+        "respond",
+    }
+    assert rows["decompress"]["http_p50_ms"] > rows["decompress"]["stages_ms"]["codec"] > 0
