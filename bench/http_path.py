@@ -62,6 +62,7 @@ def time_http(args: argparse.Namespace, png: bytes, stream: bytes) -> dict:
         "log_level": "warning",
         "torch_threads": args.threads,
         "synthesis_precision": args.synthesis_precision,
+        "analysis_precision": args.analysis_precision,
         "random_weights": "true" if args.weights == "random" else "false",
     }
     if args.weights not in ("random", "shipped"):
@@ -106,12 +107,17 @@ def time_codec(args: argparse.Namespace, image, stream: bytes) -> dict:
 
     torch.set_num_threads(args.threads)
     if args.weights == "random":
-        codec = Codec.random(backend=args.backend, synthesis_precision=args.synthesis_precision)
+        codec = Codec.random(
+            backend=args.backend,
+            synthesis_precision=args.synthesis_precision,
+            analysis_precision=args.analysis_precision,
+        )
     else:
         codec = Codec.from_pretrained(
             None if args.weights == "shipped" else args.weights,
             backend=args.backend,
             synthesis_precision=args.synthesis_precision,
+            analysis_precision=args.analysis_precision,
         )
     calls = {
         "decompress": lambda: codec.decompress(stream),
@@ -137,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, server and codec (default 2)")
     parser.add_argument("--quality", type=float, default=3.0)
     parser.add_argument("--synthesis-precision", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--analysis-precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--requests", type=int, default=20, help="timed requests per operation and round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="rounds; each alternates HTTP and codec first")
@@ -196,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `{meta['command']}`",
         f"- Date: {meta['date']}; machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores",
         f"- Weights {args.weights}, backend {args.backend}, torch threads "
-        f"{args.threads}, g_s {args.synthesis_precision}, quality {args.quality:g}, "
+        f"{args.threads}, g_s {args.synthesis_precision}, g_a {args.analysis_precision}, "
+        f"quality {args.quality:g}, "
         f"{args.rounds} rounds x {args.requests} sequential requests per operation (kodim23, PNG in and out)",
         "",
         "| operation | HTTP p50 ms | codec p50 ms | HTTP - codec ms | server stages, mean ms |",

@@ -1,15 +1,18 @@
-"""g_s in bfloat16 against float32: PSNR change on all of Kodak per quality, and decode time.
+"""g_s and g_a in bfloat16 against float32: PSNR and rate changes on all of Kodak, and the times.
 
 Run from the repository root with the venv active, e.g.::
 
     python bench/precision.py                        # shipped weights, torch, 24 images x 6 qualities
     python bench/precision.py --limit 4 --qualities 6 --out /tmp/precision
 
-Every Kodak image is compressed once per quality (float32 codec: the stream does not depend on g_s's
-precision) and decoded by a float32 and a bfloat16 codec (``synthesis_precision``); reported per
-quality: the mean and the worst PSNR change (bfloat16 minus float32, dB) and the largest pixel
-difference. Then kodim23 (768x512) at quality 3 is decoded ``--runs`` times by each codec,
-alternating, and the median decode and g_s (the codec's ``synthesis`` timing) are reported.
+Every Kodak image is compressed per quality by a float32 codec and by one with g_a in bfloat16
+(``analysis_precision``). The float32 stream is decoded by a float32 and a bfloat16 codec
+(``synthesis_precision``): per quality, the mean and the worst PSNR change (bfloat16 minus float32,
+dB) and the largest pixel difference. The bfloat16 encoder's stream is decoded in float32: per
+quality, its rate change (total bytes) and mean PSNR change against the float32 encoder's. Then
+kodim23 (768x512) at quality 3 is decoded and encoded ``--runs`` times by each codec, alternating,
+and the medians of the calls and of g_s / g_a (the codec's ``synthesis`` / ``analysis`` timings)
+are reported.
 Results: ``--out``/``precision.{json,md}``.
 """
 
@@ -57,17 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     codecs = {
         p: Codec.from_pretrained(backend=args.backend, synthesis_precision=p) for p in ("float32", "bfloat16")
     }
+    encoder = Codec.from_pretrained(backend=args.backend, analysis_precision="bfloat16")
     files = sorted(KODAK_DIR.glob("kodim*.png"))[: args.limit]
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     rows = []
     for quality in args.qualities:
-        deltas, diffs = [], []
+        deltas, diffs, encoded, sizes = [], [], [], [0, 0]
         for image in tqdm(images, desc=f"quality {quality:g}", leave=False):
             stream = codecs["float32"].compress(image, quality)
             exact = codecs["float32"].decompress(stream)
             fast = codecs["bfloat16"].decompress(stream)
             deltas.append(psnr(image, fast) - psnr(image, exact))
             diffs.append(int(np.abs(fast.astype(int) - exact.astype(int)).max()))
+            other = encoder.compress(image, quality)
+            encoded.append(psnr(image, codecs["float32"].decompress(other)) - psnr(image, exact))
+            sizes[0] += len(stream)
+            sizes[1] += len(other)
         rows.append(
             {
                 "quality": quality,
@@ -75,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                 "worst_dpsnr_db": min(deltas),
                 "max_pixel_diff": max(diffs),
                 "images": len(deltas),
+                "encoder_rate_change_pct": (sizes[1] / sizes[0] - 1) * 100,
+                "encoder_mean_dpsnr_db": statistics.mean(encoded),
+                "encoder_worst_dpsnr_db": min(encoded),
             }
         )
     image = test_image(768, 512)
@@ -96,6 +107,25 @@ def main(argv: list[str] | None = None) -> int:
             "synthesis_ms": statistics.median(synthesis[p]) * 1e3,
         }
         for p in codecs
+    }
+    encoders = {"float32": codecs["float32"], "bfloat16": encoder}
+    encode_times: dict[str, list[float]] = {p: [] for p in encoders}
+    analysis: dict[str, list[float]] = {p: [] for p in encoders}
+    for codec in encoders.values():  # warm-up
+        codec.compress(image, 3.0)
+    for _ in range(args.runs):
+        for precision, codec in encoders.items():
+            timings = {}
+            started = time.perf_counter()
+            codec.compress_batch([image], 3.0, timings)
+            encode_times[precision].append(time.perf_counter() - started)
+            analysis[precision].append(timings["analysis"])
+    encode_timing = {
+        p: {
+            "encode_ms": statistics.median(encode_times[p]) * 1e3,
+            "analysis_ms": statistics.median(analysis[p]) * 1e3,
+        }
+        for p in encoders
     }
     meta = {
         "command": "python bench/precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -126,12 +156,42 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for p, t in timing.items():
         lines.append(f"| {p} | {t['decode_ms']:.1f} | {t['synthesis_ms']:.1f} |")
+    lines += [
+        "",
+        "g_a in bfloat16: its streams decoded in float32, against the float32 encoder's:",
+        "",
+        "| quality | rate change | mean PSNR change dB | worst image dB |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['quality']:g} | {r['encoder_rate_change_pct']:+.3f} % | "
+            f"{r['encoder_mean_dpsnr_db']:+.4f} | {r['encoder_worst_dpsnr_db']:+.4f} |"
+        )
+    lines += [
+        "",
+        f"Encode of kodim23 (768x512) at quality 3, median of {args.runs}, alternating:",
+        "",
+        "| g_a precision | encode ms | of which g_a ms |",
+        "| --- | --- | --- |",
+    ]
+    for p, t in encode_timing.items():
+        lines.append(f"| {p} | {t['encode_ms']:.1f} | {t['analysis_ms']:.1f} |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "precision.md").write_text(report)
-        raw = {"meta": meta, "rows": rows, "timing": timing, "times": times, "synthesis": synthesis}
+        raw = {
+            "meta": meta,
+            "rows": rows,
+            "timing": timing,
+            "encode_timing": encode_timing,
+            "times": times,
+            "synthesis": synthesis,
+            "encode_times": encode_times,
+            "analysis": analysis,
+        }
         (args.out / "precision.json").write_text(json.dumps(raw, indent=1) + "\n")
     return 0
 

@@ -142,28 +142,31 @@ def load_stages(
     threads: int | None = None,
     device: str = "cpu",
     synthesis_precision: str = "float32",
+    analysis_precision: str = "float32",
 ) -> Stages:
     """The :class:`Stages` of ``net`` on ``backend``.
 
     ``torch`` calls the modules; ``torchscript`` scripts them in memory (or loads ``export_dir``);
     ``onnxruntime`` loads ``export_dir``, or the per-weights cache, exporting into it first if it
     is missing or stale (about a minute for lalic-s on two cores). Files whose manifest names
-    other weights are refused. ``synthesis_precision`` ``bfloat16`` (g_s in bfloat16,
-    :class:`model.stages.BFloat16Synthesis`) needs the in-memory torch or torchscript backend.
+    other weights are refused. ``bfloat16`` for g_s or g_a (:class:`model.stages.BFloat16Gained`)
+    needs the in-memory torch or torchscript backend.
     """
     check_backend(backend)
-    if synthesis_precision != "float32" and (backend == "onnxruntime" or export_dir is not None):
-        raise ValueError(
-            f"synthesis precision {synthesis_precision} needs backend torch or torchscript without "
-            "export_dir (exported files hold float32 networks)"
-        )
+    reduced = {"synthesis": synthesis_precision, "analysis": analysis_precision}
+    for stage, precision in reduced.items():
+        if precision != "float32" and (backend == "onnxruntime" or export_dir is not None):
+            raise ValueError(
+                f"{stage} precision {precision} needs backend torch or torchscript without "
+                "export_dir (exported files hold float32 networks)"
+            )
     if backend == "torch":
-        modules = stage_modules(net, synthesis_precision)
+        modules = stage_modules(net, synthesis_precision, analysis_precision)
         runners: dict[str, Runner] = {n: ModuleRunner(m) for n, m in modules.items()}
         return Stages(runners, backend)
     fmt = "torchscript" if backend == "torchscript" else "onnx"
     if backend == "torchscript" and export_dir is None:
-        modules = stage_modules(net, synthesis_precision)
+        modules = stage_modules(net, synthesis_precision, analysis_precision)
         runners = {n: ModuleRunner(script_stage(m)) for n, m in modules.items()}
         return Stages(runners, backend)
     directory = Path(export_dir) if export_dir is not None else cache_dir(net.config.name, digest, fmt)

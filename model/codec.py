@@ -170,9 +170,11 @@ def check_layout(container: Container, config: LalicConfig) -> None:
 class Codec:
     """Image (uint8 RGB, H x W x 3) <-> bytes with one LALIC network.
 
-    ``synthesis_precision`` is g_s's (:data:`model.stages.SYNTHESIS_PRECISIONS`): ``bfloat16``
-    decodes faster on CPUs with AVX512-BF16 and moves pixels (PSNR within 0.02 dB on Kodak,
-    BENCHMARKS.md "g_s in bfloat16"), never the streams or the decoded latents.
+    ``synthesis_precision`` and ``analysis_precision`` are g_s's and g_a's
+    (:data:`model.stages.PRECISIONS`); ``bfloat16`` is faster on CPUs with AVX512-BF16. For g_s it
+    moves decoded pixels (PSNR within 0.02 dB on Kodak), never the streams or the decoded latents;
+    for g_a it moves the latents this encoder sends (valid streams for every decoder) within the
+    rate-distortion bounds of BENCHMARKS.md, "g_s and g_a in bfloat16".
     """
 
     def __init__(
@@ -185,9 +187,11 @@ class Codec:
         export_dir: str | None = None,
         threads: int | None = None,
         synthesis_precision: str = "float32",
+        analysis_precision: str = "float32",
     ) -> None:
         self.device = str(device)
         self.synthesis_precision = synthesis_precision
+        self.analysis_precision = analysis_precision
         self.backend = check_backend(backend)
         self.net = net.to(device).prepare_for_inference()
         for model, cdfs in ((self.net.gaussian, "y_cdfs"), (self.net.entropy_bottleneck, "z_cdfs")):
@@ -207,6 +211,7 @@ class Codec:
             threads=threads,
             device=self.device,
             synthesis_precision=synthesis_precision,
+            analysis_precision=analysis_precision,
         )
 
     # Construction -------------------------------------------------------------------------

@@ -34,9 +34,10 @@ from model.layers import SpatialMix
 
 ENTROPY_STAGES = ("hyper_synthesis", "channel", "spatial", "params")
 """Kinds of stage on the entropy-parameter path (their float results decide the coding distributions)."""
-SYNTHESIS_PRECISIONS = ("float32", "bfloat16")
-"""Precisions g_s can run in (:func:`stage_modules`); g_s is not on the entropy path, so its precision
-moves pixels, never the decoded latents."""
+PRECISIONS = ("float32", "bfloat16")
+"""Precisions g_a and g_s can run in (:func:`stage_modules`). Neither is on the entropy path: g_s's
+precision moves decoded pixels, never the latents; g_a's moves the latents the encoder sends (the
+streams stay valid everywhere), never what a decoder computes from them."""
 
 
 def stage_kind(name: str) -> str:
@@ -70,32 +71,36 @@ class Gained(nn.Module):
         return self.transform(x) * gain
 
 
-class BFloat16Synthesis(nn.Module):
-    """The synthesis stage (:class:`Gained` g_s) in bfloat16, float32 in and out (issue 39).
+class BFloat16Gained(nn.Module):
+    """A :class:`Gained` transform (g_a or g_s) in bfloat16, float32 in and out (issue 39).
 
-    The inverse gain is applied in float32; every layer of g_s but the last then runs in bfloat16
-    with its weights stored so, once, at construction (oneDNN's AVX512-BF16 kernels; no casts per
-    call but one at each end). Kept in float32: BiWKV's decay and boost (its scan runs in float32
-    anyway, :func:`model.layers.biwkv`) and g_s's last transposed convolution, which writes the
-    RGB image: in bfloat16 (8-bit mantissa) it alone costs most of the PSNR lost (BENCHMARKS.md,
-    "g_s in bfloat16").
+    Every layer but the one at the image's side (g_a's first convolution, which reads the pixels;
+    g_s's last transposed convolution, which writes them) runs in bfloat16 with its weights stored
+    so, once, at construction (oneDNN's AVX512-BF16 kernels; one cast at each end, none per layer).
+    Kept in float32: that image-side layer, where bfloat16's 8-bit mantissa would cost most of the
+    PSNR lost (BENCHMARKS.md, "g_s and g_a in bfloat16"), the gain, and BiWKV's decay and boost (its scan
+    runs in float32 anyway, :func:`model.layers.biwkv`).
     """
 
-    def __init__(self, synthesis: Gained) -> None:
+    def __init__(self, gained: Gained) -> None:
         super().__init__()
-        layers = list(synthesis.transform)
-        body = copy.deepcopy(nn.Sequential(*layers[:-1])).to(torch.bfloat16)
+        layers = list(gained.transform)
+        self.at_input = gained.at_input
+        image_side, inner = (layers[-1], layers[:-1]) if self.at_input else (layers[0], layers[1:])
+        body = copy.deepcopy(nn.Sequential(*inner)).to(torch.bfloat16)
         for module in body.modules():
             if isinstance(module, SpatialMix):
                 module.decay.data = module.decay.data.float()
                 module.boost.data = module.boost.data.float()
         self.body = body
-        self.last = copy.deepcopy(layers[-1])
-        self.register_buffer("log_gain", synthesis.log_gain.detach().clone())
+        self.image_side = copy.deepcopy(image_side)
+        self.register_buffer("log_gain", gained.log_gain.detach().clone())
 
-    def forward(self, y: Tensor, quality: Tensor) -> Tensor:
+    def forward(self, x: Tensor, quality: Tensor) -> Tensor:
         gain = interpolated_gain(self.log_gain, quality)
-        return self.last(self.body((y * gain).to(torch.bfloat16)).float())
+        if self.at_input:  # g_s: latents in, pixels out
+            return self.image_side(self.body((x * gain).to(torch.bfloat16)).float())
+        return self.body(self.image_side(x).to(torch.bfloat16)).float() * gain
 
 
 class SplitParams(nn.Module):
@@ -119,19 +124,23 @@ def gain_tables(net: LALIC) -> tuple[Tensor, Tensor]:
     return zeros, zeros
 
 
-def stage_modules(net: LALIC, synthesis_precision: str = "float32") -> dict[str, nn.Module]:
-    """Every stage of a network prepared for inference, by name (see the module docstring);
-    ``synthesis_precision`` (:data:`SYNTHESIS_PRECISIONS`) chooses g_s's."""
-    if synthesis_precision not in SYNTHESIS_PRECISIONS:
-        raise ValueError(f"synthesis precision {synthesis_precision!r} is not one of {SYNTHESIS_PRECISIONS}")
+def stage_modules(
+    net: LALIC, synthesis_precision: str = "float32", analysis_precision: str = "float32"
+) -> dict[str, nn.Module]:
+    """Every stage of a network prepared for inference, by name (see the module docstring); the
+    precisions (:data:`PRECISIONS`) choose g_s's and g_a's."""
+    for precision in (synthesis_precision, analysis_precision):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     ctx = net.context
     log_gain, log_inverse_gain = gain_tables(net)
+    analysis = Gained(net.g_a, log_gain, at_input=False)
     synthesis = Gained(net.g_s, log_inverse_gain, at_input=True)
     stages: dict[str, nn.Module] = {
-        "analysis": Gained(net.g_a, log_gain, at_input=False),
+        "analysis": BFloat16Gained(analysis) if analysis_precision == "bfloat16" else analysis,
         "hyper_analysis": net.h_a,
         "hyper_synthesis": net.h_s,
-        "synthesis": BFloat16Synthesis(synthesis) if synthesis_precision == "bfloat16" else synthesis,
+        "synthesis": BFloat16Gained(synthesis) if synthesis_precision == "bfloat16" else synthesis,
     }
     for k in range(len(ctx.slices)):
         if k:

@@ -220,6 +220,7 @@ class Engine:
             "backend": self.settings.backend,
             "entropy_threads": self.settings.entropy_threads,
             "synthesis_precision": self.settings.synthesis_precision,
+            "analysis_precision": self.settings.analysis_precision,
         }
         if self.settings.random_weights:
             return Codec.random(config=self.settings.model, seed=0, **options)

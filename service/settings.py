@@ -147,6 +147,12 @@ class Settings(BaseSettings):
         "slightly (PSNR within 0.02 dB on Kodak), never the bitstreams; needs backend torch or "
         "torchscript.",
     )
+    analysis_precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Precision of the analysis transform g_a (encoding only): bfloat16 is faster on "
+        "CPUs with AVX512-BF16 and changes the latents this service sends (valid streams for every "
+        "decoder; rate and PSNR in BENCHMARKS.md); needs backend torch or torchscript.",
+    )
     entropy_threads: int = Field(
         2,
         ge=1,
@@ -234,11 +240,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_precision(self) -> Settings:
-        """bfloat16 g_s runs in torch (eager or scripted), not in ONNX Runtime."""
-        if self.synthesis_precision != "float32" and self.backend == "onnxruntime":
-            raise ValueError(
-                f"synthesis_precision {self.synthesis_precision} needs backend torch or torchscript"
-            )
+        """bfloat16 g_s and g_a run in torch (eager or scripted), not in ONNX Runtime."""
+        for name in ("synthesis_precision", "analysis_precision"):
+            if getattr(self, name) != "float32" and self.backend == "onnxruntime":
+                raise ValueError(f"{name} {getattr(self, name)} needs backend torch or torchscript")
         return self
 
     def load_api_keys(self) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
-"""g_s in bfloat16 (``synthesis_precision``, issue 39): the same streams and latents, pixels within
-the PSNR bound of the float32 path, on Kodak crops with the shipped weights."""
+"""g_s and g_a in bfloat16 (``synthesis_precision``, ``analysis_precision``, issue 39) on Kodak crops
+with the shipped weights: g_s keeps the streams and latents and moves pixels within the PSNR bound of
+the float32 path; g_a's streams decode everywhere and keep rate and PSNR."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from model.codec import Codec
 from model.paths import KODAK_DIR
-from model.stages import BFloat16Synthesis, stage_modules
+from model.stages import BFloat16Gained, stage_modules
 
 CROPS = [("kodim01.png", 0, 0), ("kodim15.png", 128, 256), ("kodim23.png", 192, 320)]
 
@@ -35,6 +36,7 @@ def codecs() -> dict[str, Codec]:
         "float32": Codec.from_pretrained(backend="torch"),
         "bfloat16": Codec.from_pretrained(backend="torch", synthesis_precision="bfloat16"),
         "bfloat16-scripted": Codec.from_pretrained(backend="torchscript", synthesis_precision="bfloat16"),
+        "bfloat16-encoder": Codec.from_pretrained(backend="torch", analysis_precision="bfloat16"),
     }
 
 
@@ -57,17 +59,35 @@ def test_bfloat16_synthesis_keeps_psnr_and_never_moves_the_latents(
             assert psnr(image, fast) - psnr(image, exact) > -0.05  # crops: looser than Kodak's 0.02 dB
 
 
-def test_the_reduced_precision_stage_holds_bfloat16_weights_and_a_float32_last_layer() -> None:
+@pytest.mark.parametrize("quality", [1.0, 6.0])
+def test_bfloat16_analysis_keeps_rate_and_psnr_and_its_streams_decode_in_float32(
+    codecs: dict[str, Codec], crops: list[np.ndarray], quality: float
+) -> None:
+    reference, fast = codecs["float32"], codecs["bfloat16-encoder"]
+    sizes, changes = [], []
+    for image in crops:
+        exact, stream = reference.compress(image, quality), fast.compress(image, quality)
+        assert stream != exact  # other latents: it does run in another precision
+        assert np.array_equal(fast.decompress(stream), reference.decompress(stream))  # g_s is float32 in both
+        sizes.append(len(stream) / len(exact))
+        changes.append(psnr(image, reference.decompress(stream)) - psnr(image, reference.decompress(exact)))
+    assert abs(np.mean(sizes) - 1) < 0.02 and abs(np.mean(changes)) < 0.05
+
+
+@pytest.mark.parametrize(("name", "image_side"), [("synthesis", "image_side"), ("analysis", "image_side")])
+def test_the_reduced_precision_stage_holds_bfloat16_weights_and_a_float32_image_side(
+    name: str, image_side: str
+) -> None:
     codec = Codec.random("lalic-s", seed=0)
-    stage = stage_modules(codec.net, "bfloat16")["synthesis"]
-    assert isinstance(stage, BFloat16Synthesis)
+    stage = stage_modules(codec.net, "bfloat16", "bfloat16")[name]
+    assert isinstance(stage, BFloat16Gained) and stage.at_input == (name == "synthesis")
     dtypes = {name: p.dtype for name, p in stage.named_parameters()}
-    assert dtypes.pop("last.weight") == dtypes.pop("last.bias") == torch.float32
+    assert dtypes.pop(f"{image_side}.weight") == dtypes.pop(f"{image_side}.bias") == torch.float32
     floats = {name for name, dtype in dtypes.items() if dtype == torch.float32}
     assert floats and all(name.endswith((".decay", ".boost")) for name in floats)
     assert {dtypes[n] for n in dtypes if n not in floats} == {torch.bfloat16}
     assert stage.log_gain.dtype == torch.float32
-    with pytest.raises(ValueError, match="synthesis precision 'float16' is not one of"):
+    with pytest.raises(ValueError, match="precision 'float16' is not one of"):
         stage_modules(codec.net, "float16")
-    with pytest.raises(ValueError, match="needs backend torch or torchscript"):
-        Codec(codec.net, backend="onnxruntime", synthesis_precision="bfloat16")
+    with pytest.raises(ValueError, match="analysis precision bfloat16 needs backend torch or torchscript"):
+        Codec(codec.net, backend="onnxruntime", analysis_precision="bfloat16")
