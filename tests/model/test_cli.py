@@ -40,6 +40,25 @@ def test_compress_info_decompress_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), codec.decompress(data))
 
 
+def test_compress_and_decompress_in_bfloat16(tmp_path: Path) -> None:
+    image = np.asarray(Image.open(KODAK_DIR / "kodim23.png").convert("RGB"))[:128, :192]
+    Image.fromarray(image).save(tmp_path / "in.png")
+    done = lalic("compress", str(tmp_path / "in.png"), str(tmp_path / "x.lalic"), "--precision", "bfloat16")
+    assert done.returncode == 0, done.stderr
+    data = (tmp_path / "x.lalic").read_bytes()
+    exact = Codec.from_pretrained()
+    assert data != exact.compress(image, 3.0)  # g_a ran in bfloat16: other latents, a valid stream
+    assert data == Codec.from_pretrained(analysis_precision="bfloat16").compress(image, 3.0)
+    done = lalic(
+        "decompress", str(tmp_path / "x.lalic"), str(tmp_path / "out.png"), "--precision", "bfloat16"
+    )
+    assert done.returncode == 0, done.stderr
+    decoded = np.asarray(Image.open(tmp_path / "out.png"))
+    assert np.array_equal(decoded, Codec.from_pretrained(synthesis_precision="bfloat16").decompress(data))
+    assert not np.array_equal(decoded, exact.decompress(data))
+    assert "--precision {float32,bfloat16}" in lalic("decompress", "--help").stdout
+
+
 def test_bad_input_gives_a_message_and_status_2(tmp_path: Path) -> None:
     (tmp_path / "junk.lalic").write_bytes(b"not a bitstream")
     done = lalic("decompress", str(tmp_path / "junk.lalic"), str(tmp_path / "o.png"))

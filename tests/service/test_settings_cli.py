@@ -134,3 +134,19 @@ def test_the_limits_against_hostile_clients_are_settings_with_defaults() -> None
     assert settings.max_header_bytes == 8192 and settings.header_timeout_s == 2.5
     with pytest.raises(ValidationError):
         Settings(max_header_bytes=100)
+
+
+def test_every_setting_has_a_description_and_a_row_in_the_readme_table() -> None:
+    readme = (REPO / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        assert field.description, name
+        assert f"| {name} | `LALIC_{name.upper()}` |" in readme, name
+    with pytest.raises(
+        ValidationError, match="synthesis_precision bfloat16 needs backend torch or torchscript"
+    ):
+        Settings(backend="onnxruntime", synthesis_precision="bfloat16")
+    with pytest.raises(
+        ValidationError, match="analysis_precision bfloat16 needs backend torch or torchscript"
+    ):
+        Settings(backend="onnxruntime", analysis_precision="bfloat16")
+    assert Settings(backend="torch", analysis_precision="bfloat16").analysis_precision == "bfloat16"
