@@ -28,7 +28,8 @@ from typing import Any
 
 ACCESS_LOGGER = "lalic.access"
 REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode("latin-1")
+REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode("latin-1")
+"""The header's name as raw ASGI and h11 headers spell it."""
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 """A client's X-Request-ID is kept when it matches this (UUIDs, hex, base64, dotted ids), else replaced."""
 FIELDS_ATTR = "lalic_fields"
@@ -55,7 +56,7 @@ def new_request_id() -> str:
 def offered_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The client's ``X-Request-ID`` among raw (lower-case name, value) headers, if it sent exactly one
     and it is sane (:func:`sane_request_id`); else None."""
-    offered = [value for name, value in headers if name == _REQUEST_ID_NAME]
+    offered = [value for name, value in headers if name == REQUEST_ID_NAME]
     return sane_request_id(offered[0].decode("latin-1")) if len(offered) == 1 else None
 
 

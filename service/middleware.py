@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ErrorCode, error_response
 from service.logs import (
-    REQUEST_ID_HEADER,
+    REQUEST_ID_NAME,
     current_request_id,
     elapsed_ms,
     log_request,
@@ -32,7 +32,6 @@ REFUSED_STATE_KEY = "lalic_refused"
 """Key in the request state set when the connection refused the request while the app handled it (its
 body came too late): the connection wrote the response and the request line, the middleware does not."""
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode("latin-1")
 
 
 def request_started(scope: Scope) -> float:
@@ -85,8 +84,8 @@ class RequestLogMiddleware:
 
         async def tagging_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(n, v) for n, v in message.get("headers", []) if n.lower() != _REQUEST_ID_NAME]
-                headers.append((_REQUEST_ID_NAME, request_id.encode("latin-1")))
+                headers = [(n, v) for n, v in message.get("headers", []) if n.lower() != REQUEST_ID_NAME]
+                headers.append((REQUEST_ID_NAME, request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -42,7 +42,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.errors import ErrorCode, error_body
-from service.logs import elapsed_ms, log_request, new_request_id, request_id_of
+from service.logs import REQUEST_ID_NAME, elapsed_ms, log_request, new_request_id, request_id_of
 from service.metrics import Metrics
 from service.middleware import REFUSED_STATE_KEY, REQUEST_ID_STATE_KEY
 from service.settings import Settings
@@ -111,7 +111,7 @@ class Refusal:
         if self.retry_after_s is not None:
             headers.append((b"retry-after", str(self.retry_after_s).encode()))
         if self.request_id is not None:
-            headers.append((b"x-request-id", self.request_id.encode("latin-1")))
+            headers.append((REQUEST_ID_NAME, self.request_id.encode("latin-1")))
         return headers
 
     def log(self, method: str | None, started: float, bytes_in: int) -> None:
