@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,25 @@ from model.paths import KODAK_DIR  # noqa: E402
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def alternate(
+    calls: dict[str, Callable[[dict[str, float]], object]], runs: int, stage: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time each call (it fills the codec's timings dict) ``runs`` times, the calls alternating,
+    after one warm-up each: the seconds of every call, and of its ``stage`` timing, by name."""
+    for call in calls.values():
+        call({})
+    totals: dict[str, list[float]] = {name: [] for name in calls}
+    stages: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            timings: dict[str, float] = {}
+            started = time.perf_counter()
+            call(timings)
+            totals[name].append(time.perf_counter() - started)
+            stages[name].append(timings[stage])
+    return totals, stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,17 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     image = test_image(768, 512)
     stream = codecs["float32"].compress(image, 3.0)
-    times: dict[str, list[float]] = {p: [] for p in codecs}
-    synthesis: dict[str, list[float]] = {p: [] for p in codecs}
-    for codec in codecs.values():  # warm-up
-        codec.decompress(stream)
-    for _ in range(args.runs):
-        for precision, codec in codecs.items():
-            timings: dict[str, float] = {}
-            started = time.perf_counter()
-            codec.decompress_batch([stream], timings)
-            times[precision].append(time.perf_counter() - started)
-            synthesis[precision].append(timings["synthesis"])
+    times, synthesis = alternate(
+        {p: lambda timings, c=c: c.decompress_batch([stream], timings) for p, c in codecs.items()},
+        args.runs,
+        "synthesis",
+    )
     timing = {
         p: {
             "decode_ms": statistics.median(times[p]) * 1e3,
@@ -109,17 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in codecs
     }
     encoders = {"float32": codecs["float32"], "bfloat16": encoder}
-    encode_times: dict[str, list[float]] = {p: [] for p in encoders}
-    analysis: dict[str, list[float]] = {p: [] for p in encoders}
-    for codec in encoders.values():  # warm-up
-        codec.compress(image, 3.0)
-    for _ in range(args.runs):
-        for precision, codec in encoders.items():
-            timings = {}
-            started = time.perf_counter()
-            codec.compress_batch([image], 3.0, timings)
-            encode_times[precision].append(time.perf_counter() - started)
-            analysis[precision].append(timings["analysis"])
+    encode_times, analysis = alternate(
+        {p: lambda timings, c=c: c.compress_batch([image], 3.0, timings) for p, c in encoders.items()},
+        args.runs,
+        "analysis",
+    )
     encode_timing = {
         p: {
             "encode_ms": statistics.median(encode_times[p]) * 1e3,
