@@ -6,7 +6,8 @@ Layout (all integers little-endian; ``L`` = model id length, ``N`` = number of s
 offset                size        field
 ====================  ==========  ==============================================================
 0                     4           magic ``b"LALC"``
-4                     1           format version (u8), ``FORMAT_VERSION`` = 1
+4                     1           format version (u8): 2 (``FORMAT_VERSION``, written) or 1
+                                  (still read); see "Versions" below
 5                     1           flags (u8): bits 0-1 the orientation the image was coded in
                                   (bit 0 mirrored left-right, bit 1 flipped top-bottom; the
                                   decoder flips the image back), bits 2-7 must be 0
@@ -26,6 +27,13 @@ offset                size        field
                                   the magic up to here, the payload CRC included)
 55+L+4N               sum(len)    the streams, concatenated; nothing may follow
 ====================  ==========  ==============================================================
+
+Versions: the layout is the same; the version says how the entropy parameters (the coding
+distributions) were computed. Version 1: in float32 by the networks of the chosen backend, so a
+stream decodes only where the arithmetic matches the encoder's (other CPUs and backends refuse it
+by its symbol checksum). Version 2: by :mod:`model.exact` (``EXACT_PATH_VERSION`` 1), the same bits
+on every CPU, backend and device. Decoders that read only version 1 refuse version 2 with
+"unsupported format version 2".
 
 Flags were all zero until 2026-12-06 (the orientation was added without a version bump): older
 decoders refuse any stream whose flags are not zero, with a clear error, and streams with zero
@@ -52,8 +60,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = [
+    "FLOAT_PATH_VERSION",
     "FORMAT_VERSION",
     "MAGIC",
+    "READ_VERSIONS",
     "ORIENTATIONS",
     "BitstreamError",
     "Container",
@@ -67,7 +77,11 @@ __all__ = [
 ]
 
 MAGIC = b"LALC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The version this code writes: entropy parameters by the reproducible path of :mod:`model.exact`."""
+FLOAT_PATH_VERSION = 1
+"""Streams whose entropy parameters came from the float32 networks (read, no longer written)."""
+READ_VERSIONS = (FLOAT_PATH_VERSION, FORMAT_VERSION)
 
 ORIENTATIONS = (0, 1, 2, 3)
 """The orientations a stream can record: 0 as is, 1 mirrored left-right, 2 flipped top-bottom,
@@ -99,6 +113,8 @@ class Header:
     ``quality`` is rounded to float32 on construction, so it survives a round trip exactly.
     ``orientation`` is the flip (:data:`ORIENTATIONS`) the encoder applied before coding;
     ``height`` and ``width`` are those of the image either way (flips keep the shape).
+    ``version`` is the container version (:data:`READ_VERSIONS`), which names the arithmetic of
+    the entropy parameters.
     Raises :class:`BitstreamError` if any field is out of range.
     """
 
@@ -112,6 +128,7 @@ class Header:
     tiling: tuple[int, int, int] = (0, 0, 0)
     symbol_crc32: int
     orientation: int = 0
+    version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__  # frozen dataclass: normalise fields in place
@@ -125,6 +142,7 @@ class Header:
         set_field(self, "tiling", _check_tiling(self.tiling))
         set_field(self, "symbol_crc32", _check_int("symbol_crc32", self.symbol_crc32, 0, _U32_MAX))
         set_field(self, "orientation", _check_int("orientation", self.orientation, 0, ORIENTATIONS[-1]))
+        set_field(self, "version", _check_version(self.version))
 
     @property
     def pixels(self) -> int:
@@ -141,6 +159,13 @@ def _check_int(name: str, value: Any, low: int, high: int) -> int:
         raise BitstreamError(f"{name} must be an integer, got {type(value).__name__}") from None
     if not low <= number <= high:
         raise BitstreamError(f"{name} must be in {low}..{high}, got {number}")
+    return number
+
+
+def _check_version(value: Any) -> int:
+    number = _check_int("version", value, 0, 255)
+    if number not in READ_VERSIONS:
+        raise BitstreamError(f"unsupported format version {number} (this decoder reads {READ_VERSIONS})")
     return number
 
 
@@ -240,7 +265,7 @@ def pack(header: Header, streams: list[bytes]) -> bytes:
     model_id = header.model_id.encode("ascii")
     body = b"".join(
         (
-            _PREFIX.pack(MAGIC, FORMAT_VERSION, header.orientation, len(model_id)),
+            _PREFIX.pack(MAGIC, header.version, header.orientation, len(model_id)),
             model_id,
             _FIXED.pack(
                 header.weights_digest,
@@ -279,8 +304,8 @@ def _parse_header(data: Any, max_pixels: int, max_streams: int) -> tuple[Header,
     if len(buf) < _PREFIX.size:
         raise BitstreamError("truncated header")
     _, version, flags, id_len = _PREFIX.unpack_from(buf, 0)
-    if version != FORMAT_VERSION:
-        raise BitstreamError(f"unsupported format version {version} (this decoder reads {FORMAT_VERSION})")
+    if version not in READ_VERSIONS:
+        raise BitstreamError(f"unsupported format version {version} (this decoder reads {READ_VERSIONS})")
     if flags & ~_ORIENTATION_BITS:
         raise BitstreamError(f"unsupported flags 0x{flags:02x} (only bits 0-1, the orientation, are defined)")
     if not 1 <= id_len <= MAX_MODEL_ID:
@@ -317,6 +342,7 @@ def _parse_header(data: Any, max_pixels: int, max_streams: int) -> tuple[Header,
         tiling=fields[10:13],
         symbol_crc32=fields[13],
         orientation=flags & _ORIENTATION_BITS,
+        version=version,
     )
     _check_limits(header, max_pixels)
     return header, lengths, payload_crc, pos

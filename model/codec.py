@@ -23,16 +23,17 @@ that this codec decodes them (its weights, a quality it serves, the latent shape
 and :meth:`Codec.decompress_batch` takes that parsed :class:`~model.bitstream.Container` as well
 as bytes. The encoder builds containers and packs each stream once.
 
-Determinism: every stage runs one image at a time, so a bitstream, and the image decoded from
-it, do not depend on what else was in the batch (oneDNN and BLAS choose kernels by batch size,
-and a last-bit difference in y flips a rounded symbol). The entropy-parameter path (h_s onwards,
-which decides the coding distributions) is pinned to ``entropy_threads`` torch threads (default
-2), so the decoder's distributions do not depend on the caller's thread count; encoder and decoder
-should keep the same ``entropy_threads``. g_a and g_s run with the caller's threads, which may
-move a decoded pixel by one 8-bit level (their reductions split by thread). The entropy path
-runs in float32, so a stream is only sure to decode on the kind of CPU and backend that coded it;
-elsewhere the symbol checksum refuses it rather than return a wrong image. BENCHMARKS.md
-("Determinism and threads") has what was measured.
+Determinism: the entropy-parameter path (h_s onwards, which decides the coding distributions)
+runs in the reproducible arithmetic of :mod:`model.exact` (container version 2): its results, and
+so the decoded latents, are the same bits on every CPU, thread count, batch size, backend and
+device, and every decoder reads every stream. g_a and g_s run on the chosen backend with the
+caller's threads: g_s may move a decoded pixel by one 8-bit level between machines, and g_a's y
+(what the encoder quantises) may differ in a last bit, so two encoders can write different but
+equally valid streams. Streams of version 1 (the float32 entropy path of earlier releases) still
+decode on the kind of CPU and backend that coded them, with ``entropy_threads`` torch threads;
+elsewhere the symbol checksum refuses them rather than return a wrong image. Every stage runs one
+image at a time, so a batch decodes exactly like its members alone. BENCHMARKS.md ("Portable
+streams") has what was measured.
 
 Checkpoints: ``compress_batch`` and ``decompress_batch`` take ``checkpoint``, a callable run between
 stages (before each image's analysis, entropy parameters and synthesis, and before hyper-analysis),
@@ -43,9 +44,9 @@ It is called outside every stage and timer: it changes neither the results nor t
 Backends (``backend=``, :mod:`model.backends`): ``"torch"`` (eager), ``"torchscript"`` (scripted
 and frozen stages) and ``"onnxruntime"`` (every stage exported to ONNX, cached per weights and
 code version, or loaded from ``export_dir``). Only the networks change; entropy coding and the
-coding loop are the same Python code for all three. torch and torchscript are bit-exact with
-each other; onnxruntime rounds differently, so its streams are decoded by the others correctly or
-refused (:class:`~model.bitstream.BitstreamError`), never decoded silently wrong.
+coding loop are the same Python code for all three, and so is the reproducible entropy path of
+version-2 streams (:mod:`model.exact`, PyTorch on the codec's device for every backend): streams
+of any backend decode on every other. Version-1 streams use the backend's own entropy networks.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ import torch.nn.functional as F
 from model.backends import check_backend, load_stages
 from model.bitstream import (
     DEFAULT_MAX_PIXELS,
+    FLOAT_PATH_VERSION,
+    FORMAT_VERSION,
     ORIENTATIONS,
+    READ_VERSIONS,
     BitstreamError,
     Container,
     Header,
@@ -76,6 +80,7 @@ from model.bitstream import (
 )
 from model.coder import CoderError, SymbolDecoder, SymbolEncoder
 from model.configs import LalicConfig, get_config
+from model.exact import LatentRangeError, exact_entropy_path
 from model.image import flip, is_orientation
 from model.lalic import LALIC, PAD_MULTIPLE
 from model.metrics import bits_per_pixel, mse
@@ -175,6 +180,11 @@ class Codec:
     moves decoded pixels (PSNR within 0.02 dB on Kodak), never the streams or the decoded latents;
     for g_a it moves the latents this encoder sends (valid streams for every decoder) within the
     rate-distortion bounds of BENCHMARKS.md, "g_s and g_a in bfloat16".
+
+    ``stream_version`` is the container version the encoder writes (every version of
+    :data:`model.bitstream.READ_VERSIONS` is decoded): 2, the default, codes with the reproducible
+    entropy path that every decoder reproduces; 1 with the float32 one of earlier releases, for
+    replicas that cannot read version 2 yet (a rolling upgrade).
     """
 
     def __init__(
@@ -188,7 +198,11 @@ class Codec:
         threads: int | None = None,
         synthesis_precision: str = "float32",
         analysis_precision: str = "float32",
+        stream_version: int = FORMAT_VERSION,
     ) -> None:
+        if stream_version not in READ_VERSIONS:
+            raise ValueError(f"stream_version must be one of {READ_VERSIONS}, got {stream_version!r}")
+        self.stream_version = stream_version
         self.device = str(device)
         self.synthesis_precision = synthesis_precision
         self.analysis_precision = analysis_precision
@@ -202,6 +216,7 @@ class Codec:
         self.entropy_threads = entropy_threads
         self._y_tables = self.net.gaussian.tables()
         self._z_tables = self.net.entropy_bottleneck.tables()
+        self._exact = exact_entropy_path(self.net)  # the entropy path of version-2 streams
         # the networks behind the chosen backend (model.backends); the coding loop stays Python
         self._stages = load_stages(
             self.net,
@@ -400,7 +415,12 @@ class Codec:
         for i, img in enumerate(images):
             check()
             with timer("entropy_parameters"):
-                _, passes = self._entropy_parameters(z_hat[i : i + 1], y[i : i + 1])
+                try:
+                    _, passes = self._entropy_parameters(
+                        z_hat[i : i + 1], y[i : i + 1], version=self.stream_version
+                    )
+                except LatentRangeError as exc:
+                    raise ValueError(f"the image's latents cannot be coded: {exc}") from exc
             with timer("entropy_coding"):
                 streams, arrays = self._encode_streams(z_sym[i], passes)
                 header = Header(
@@ -412,6 +432,7 @@ class Codec:
                     y_shape=tuple(y.shape[1:]),
                     z_shape=tuple(z.shape[1:]),
                     symbol_crc32=symbols_crc32(arrays),
+                    version=self.stream_version,
                 )
                 out.append(Container(header, streams))
         return out
@@ -437,15 +458,23 @@ class Codec:
         return torch.cat(ys), torch.cat(zs)
 
     def _entropy_parameters(
-        self, z_hat: torch.Tensor, y: torch.Tensor | None = None, decode=None, indexes=None
+        self,
+        z_hat: torch.Tensor,
+        y: torch.Tensor | None = None,
+        decode=None,
+        indexes=None,
+        version: int = FORMAT_VERSION,
     ):
-        """h_s and the RWKV-SCCTX coding loop for one image, with the pinned thread count;
-        ``indexes`` maps predicted scales to table indexes (default: the Gaussian's own)."""
+        """h_s and the RWKV-SCCTX coding loop for one image, in the arithmetic of container
+        ``version`` (2: :mod:`model.exact`; 1: the backend's float32 networks), with the pinned
+        thread count; ``indexes`` maps predicted scales to table indexes (default: the Gaussian's)."""
+        index_fn = indexes or self.net.gaussian.indexes
         with torch_threads(self.entropy_threads):
-            hyper = self._stages.hyper_synthesis(z_hat)
-            return self.net.context.code(
-                hyper, indexes or self.net.gaussian.indexes, y=y, decode=decode, nets=self._stages
-            )
+            if version == FLOAT_PATH_VERSION:
+                hyper = self._stages.hyper_synthesis(z_hat)
+                return self.net.context.code(hyper, index_fn, y=y, decode=decode, nets=self._stages)
+            hyper = self._exact.hyper_synthesis(z_hat)
+            return self.net.context.code(hyper, index_fn, y=y, decode=decode, nets=self._exact)
 
     @torch.inference_mode()
     def encoder_latents(self, image: np.ndarray, quality: float) -> dict:
@@ -462,7 +491,9 @@ class Codec:
             scales.append(s.clone())
             return net.gaussian.indexes(s)
 
-        y_hat, passes = self._entropy_parameters(z_sym.float() + med, y, indexes=recording_indexes)
+        y_hat, passes = self._entropy_parameters(
+            z_sym.float() + med, y, indexes=recording_indexes, version=self.stream_version
+        )
         return {"z_symbols": z_sym[0], "passes": passes, "y_hat": y_hat, "scales": scales}
 
     @torch.inference_mode()
@@ -612,9 +643,11 @@ class Codec:
             arrays.append(decoder.decode(self._z_indexes(header.z_shape), self._z_tables))
             coding[0] += time.perf_counter() - start
             z_hat = torch.from_numpy(arrays[0]).to(self.device).float() + med
-            y_hat, _ = self._entropy_parameters(z_hat[None], decode=decode)
+            y_hat, _ = self._entropy_parameters(z_hat[None], decode=decode, version=header.version)
             decoder.finish()
         except CoderError as exc:
+            raise BitstreamError(f"corrupt entropy-coded data: {exc}") from exc
+        except LatentRangeError as exc:
             raise BitstreamError(f"corrupt entropy-coded data: {exc}") from exc
         if timings is not None:  # range decoding inside the loop counts as coding, not parameters
             spent = time.perf_counter() - start

@@ -205,9 +205,14 @@ class GaussianConditional(nn.Module):
         self._tables: CdfTables | None = None
 
     def indexes(self, scales: Tensor) -> Tensor:
-        """Index of the table scale nearest to each predicted scale in log scale."""
-        t = self.scale_table.to(scales.dtype)
-        return torch.bucketize(scales.contiguous(), torch.sqrt(t[:-1] * t[1:])).to(torch.int32)
+        """Index of the table scale nearest to each predicted scale in log scale.
+
+        The thresholds are computed on the CPU (IEEE float multiply and sqrt in the scales' dtype)
+        whatever the device: a GPU's fast-math sqrt must not move a threshold.
+        """
+        t = self.scale_table.cpu().to(scales.dtype)
+        thresholds = torch.sqrt(t[:-1] * t[1:]).to(scales.device)
+        return torch.bucketize(scales.contiguous(), thresholds).to(torch.int32)
 
     @torch.no_grad()
     def update(self) -> None:

@@ -76,6 +76,7 @@ def compress_tiled(
         z_shape=first.z_shape,
         tiling=(tile_h, tile_w, 0),
         symbol_crc32=zlib.crc32(crcs),
+        version=first.version,
     )
     return Container(header, [pack(*c) for c in coded])
 
@@ -101,10 +102,11 @@ def decompress_tiled(
     out = np.empty((header.height, header.width, 3), dtype=np.uint8)
     for (top, left, bottom, right), tile in zip(boxes, inner, strict=True):
         h = tile.header
-        same_model = (h.model_id, h.weights_digest, h.quality) == (
+        same_model = (h.model_id, h.weights_digest, h.quality, h.version) == (
             header.model_id,
             header.weights_digest,
             header.quality,
+            header.version,
         )
         if not same_model or (h.height, h.width) != (bottom - top, right - left) or h.tiling != (0, 0, 0):
             raise BitstreamError(f"tile at ({top}, {left}) does not belong to this image")

@@ -15,6 +15,32 @@ from torch import Tensor, nn
 from model.layers import BlockStage
 
 
+def subpixel_kernel(weight: Tensor, bias: Tensor | None, padding: int) -> tuple[Tensor, Tensor, list[int]]:
+    """The sub-pixel form of a stride-2 transposed convolution with output padding 1 (see
+    :class:`ConvTranspose2d`): the kernel ``(4 * out, in, size, size)``, its bias and the input
+    padding ``[left, right, top, bottom]`` of the equivalent convolution followed by
+    ``pixel_shuffle(2)``."""
+    k, p = weight.shape[-1], padding
+    cin, cout = weight.shape[:2]
+    offsets = [(a + p - t) // 2 for a in (0, 1) for t in range(k) if (a + p - t) % 2 == 0]
+    lo, hi = min(offsets), max(offsets)
+    size = hi - lo + 1
+    # (out channel, row phase, column phase, in channel, kernel row, kernel column)
+    w = weight.new_zeros(cout, 2, 2, cin, size, size)
+    for a in (0, 1):
+        for t in range(k):
+            if (a + p - t) % 2:
+                continue
+            for b in (0, 1):
+                for s in range(k):
+                    if (b + p - s) % 2:
+                        continue
+                    row, col = (a + p - t) // 2 - lo, (b + p - s) // 2 - lo
+                    w[:, a, b, :, row, col] += weight[:, :, t, s].t()
+    full_bias = bias if bias is not None else weight.new_zeros(cout)
+    return w.reshape(4 * cout, cin, size, size), full_bias.repeat_interleave(4), [-lo, hi, -lo, hi]
+
+
 class ConvTranspose2d(nn.ConvTranspose2d):
     """``nn.ConvTranspose2d`` (same parameters and state dict) with inference-only fast forms.
 
@@ -38,31 +64,14 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     @torch.no_grad()
     def use_subpixel(self) -> None:
         """Precompute the sub-pixel kernel (stride 2, square kernel, output padding 1 only)."""
-        k, p = self.kernel_size[0], self.padding[0]
+        k = self.kernel_size[0]
         square = self.kernel_size == (k, k)
         if self.stride != (2, 2) or self.output_padding != (1, 1) or self.groups != 1 or not square:
             raise ValueError("sub-pixel form implemented for stride 2, output padding 1, square kernels")
-        cin, cout = self.weight.shape[:2]
-        offsets = [(a + p - t) // 2 for a in (0, 1) for t in range(k) if (a + p - t) % 2 == 0]
-        lo, hi = min(offsets), max(offsets)
-        size = hi - lo + 1
-        # (out channel, row phase, column phase, in channel, kernel row, kernel column)
-        w = self.weight.new_zeros(cout, 2, 2, cin, size, size)
-        for a in (0, 1):
-            for t in range(k):
-                if (a + p - t) % 2:
-                    continue
-                for b in (0, 1):
-                    for s in range(k):
-                        if (b + p - s) % 2:
-                            continue
-                        row, col = (a + p - t) // 2 - lo, (b + p - s) // 2 - lo
-                        w[:, a, b, :, row, col] += self.weight[:, :, t, s].t()
-        w = w.reshape(4 * cout, cin, size, size)
-        self.subpixel_weight = w.contiguous(memory_format=torch.channels_last)
-        bias = self.bias if self.bias is not None else self.weight.new_zeros(cout)
-        self.subpixel_bias = bias.repeat_interleave(4)
-        self.subpixel_pad = [-lo, hi, -lo, hi]
+        weight, bias, pad = subpixel_kernel(self.weight, self.bias, self.padding[0])
+        self.subpixel_weight = weight.contiguous(memory_format=torch.channels_last)
+        self.subpixel_bias = bias
+        self.subpixel_pad = pad
 
     def forward(self, x: Tensor) -> Tensor:
         sub_w, sub_b = self.subpixel_weight, self.subpixel_bias

@@ -221,6 +221,7 @@ class Engine:
             "entropy_threads": self.settings.entropy_threads,
             "synthesis_precision": self.settings.synthesis_precision,
             "analysis_precision": self.settings.analysis_precision,
+            "stream_version": self.settings.stream_version,
         }
         if self.settings.random_weights:
             return Codec.random(config=self.settings.model, seed=0, **options)

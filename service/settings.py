@@ -153,14 +153,24 @@ class Settings(BaseSettings):
         "CPUs with AVX512-BF16 and changes the latents this service sends (valid streams for every "
         "decoder; rate and PSNR in BENCHMARKS.md); needs backend torch or torchscript.",
     )
+    stream_version: int = Field(
+        2,
+        ge=1,
+        le=2,
+        description="Container version this service writes; both are always read. 2: the portable "
+        "entropy path, whose streams every decoder reproduces on any CPU, backend or device. 1: the "
+        "float32 entropy path of releases before 2026-12-06, only for a rolling upgrade while some "
+        "replicas cannot read version 2 (its streams decode only on the kind of CPU and backend that "
+        "wrote them).",
+    )
     entropy_threads: int = Field(
         2,
         ge=1,
         le=64,
         description="torch intra-op threads of the entropy-parameter path (h_s and the context "
-        "networks), pinned whatever torch_threads says so that coding distributions never depend on "
-        "the caller's threads. 1 and 2 give identical bitstreams on AVX-512 CPUs (not with AVX2 "
-        "kernels): keep encoders and decoders equal.",
+        "networks), pinned whatever torch_threads says. Streams of format version 2 (what this "
+        "service writes) decode identically with any value on any CPU; version-1 streams (older "
+        "releases) only with the thread count and CPU kind that coded them.",
     )
     log_level: LogLevel = Field("info", description="Log level of the service and uvicorn.")
     log_format: LogFormat = Field(

@@ -205,11 +205,18 @@ class _Perturbed:
         return scales * self.factor, means + 0.01
 
 
-def test_desynchronised_decoder_is_reported_not_silent(codecs: dict[str, Codec]) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_desynchronised_decoder_is_reported_not_silent(codecs: dict[str, Codec], version: int) -> None:
+    """A decoder whose entropy path computes other parameters than the encoder's is refused by the
+    symbol checksum: version 1 runs the backend's networks, version 2 the reproducible path."""
     image = smooth_image(64, 128, seed=5)
-    data = codecs["torch"].compress(image, 4.0)
+    data = Codec(codecs["torch"].net, stream_version=version).compress(image, 4.0)
+    assert data[4] == version
     other = Codec(codecs["torch"].net)
-    other._stages = _Perturbed(other._stages, 1.03)
+    if version == 1:
+        other._stages = _Perturbed(other._stages, 1.03)
+    else:
+        other._exact = _Perturbed(other._exact, 1.03)
     with pytest.raises(BitstreamError):
         other.decompress(data)
 

@@ -41,7 +41,8 @@ def test_compress_info_decompress_round_trip(tmp_path: Path) -> None:
 
 
 def test_compress_and_decompress_in_bfloat16(tmp_path: Path) -> None:
-    image = np.asarray(Image.open(KODAK_DIR / "kodim23.png").convert("RGB"))[:128, :192]
+    # a crop where g_a in bfloat16 moves at least one rounded latent (on 128x192 none moves)
+    image = np.ascontiguousarray(np.asarray(Image.open(KODAK_DIR / "kodim23.png").convert("RGB"))[:192, :256])
     Image.fromarray(image).save(tmp_path / "in.png")
     done = lalic("compress", str(tmp_path / "in.png"), str(tmp_path / "x.lalic"), "--precision", "bfloat16")
     assert done.returncode == 0, done.stderr

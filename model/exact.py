@@ -1,0 +1,263 @@
+"""LALIC's entropy-parameter path in reproducible arithmetic (issue 38): streams that decode anywhere.
+
+Everything the decoder computes before it knows a symbol, h_s (Sec. 3.1), the channel-context
+networks with their Bi-RWKV blocks (Sec. 3.2-3.3), the checkerboard convolutions and the parameter
+networks (Sec. 3.3), runs here on the kernels of :mod:`model.fixedpoint`, built once from a trained
+:class:`~model.lalic.LALIC`: weights become per-channel 16-bit block floating point, products are
+exact, and every nonlinearity (LayerNorm, sigmoid, squared ReLU, BiWKV's exponentials) has one
+defined rounding. The scales and means, hence the table indexes and ``y_hat = symbol + mean``, are
+then the same bits on every CPU, thread count, batch size, backend and device.
+
+:class:`ExactEntropyPath` provides ``hyper_synthesis`` and the three networks of
+:class:`~model.context.ContextNetworks`, so :meth:`model.context.ContextModel.code` runs it
+unchanged (float32 tensors whose every bit is reproducible). g_a, h_a and g_s stay on the chosen
+backend: they are outside the path (y is quantised by the encoder, and g_s only moves pixels).
+
+``EXACT_PATH_VERSION`` names this arithmetic; a change to any rounding here changes streams and
+needs a new container version (:data:`model.bitstream.FORMAT_VERSION`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model import fixedpoint as fx
+from model.context import ChannelContext, ContextModel, ParameterNet
+from model.layers import BiRWKVBlock, BlockStage
+from model.transforms import subpixel_kernel
+
+EXACT_PATH_VERSION = 1
+"""The arithmetic of this module; streams of container version 2 are coded with it."""
+
+LATENT_LIMIT = 1 << 20
+"""Largest ``|y_hat|`` and ``|z_hat|`` the path accepts: decoded symbols beyond it come from a
+corrupt stream and are refused (real images stay below a few hundred)."""
+
+
+class LatentRangeError(ValueError):
+    """A latent outside :data:`LATENT_LIMIT`: the codec reports it as a corrupt stream."""
+
+
+def check_latent_range(x: Tensor, what: str) -> None:
+    """Raise :class:`LatentRangeError` if ``x`` holds a value outside ``±LATENT_LIMIT`` (or NaN)."""
+    if x.numel() and not bool((x.abs() <= LATENT_LIMIT).all()):
+        raise LatentRangeError(f"{what} holds values beyond ±{LATENT_LIMIT}, outside the entropy path")
+
+
+def _linear(layer: nn.Linear | nn.Conv2d, where: str) -> fx.ExactLinear:
+    weight = layer.weight.detach()
+    return fx.ExactLinear(weight.reshape(weight.shape[0], -1), layer.bias, where)
+
+
+class _SubpixelDeconv:
+    """A stride-2 transposed convolution (k5, output padding 1) as its sub-pixel convolution."""
+
+    def __init__(self, layer: nn.ConvTranspose2d, where: str) -> None:
+        weight, bias, pad = subpixel_kernel(layer.weight.detach(), layer.bias, layer.padding[0])
+        if len(set(pad)) != 1:
+            raise ValueError(f"{where}: asymmetric sub-pixel padding {pad}")
+        self.conv = fx.ExactConv2d(weight, bias, pad[0], where=where)
+
+    def to(self, device: torch.device | str) -> _SubpixelDeconv:
+        self.conv.to(device)
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> channels-last (B, 2H, 2W, out): ``pixel_shuffle(2)`` in that layout."""
+        y = self.conv(x)
+        b, h, w, c4 = y.shape
+        y = y.view(b, h, w, c4 // 4, 2, 2).permute(0, 1, 4, 2, 5, 3)
+        return y.reshape(b, 2 * h, 2 * w, c4 // 4)
+
+
+class _Norm:
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        self.weight = norm.weight.detach().to(torch.float32)
+        self.bias = norm.bias.detach().to(torch.float32)
+        self.eps = float(norm.eps)
+
+    def to(self, device: torch.device | str) -> _Norm:
+        self.weight, self.bias = self.weight.to(device), self.bias.to(device)
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return fx.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _fused(layers: list[nn.Linear], where: str) -> fx.ExactLinear:
+    """One :class:`~model.fixedpoint.ExactLinear` for bias-free layers that read the same input
+    (weights are quantised per output channel, so this changes no result, only the passes)."""
+    return fx.ExactLinear(torch.cat([layer.weight.detach() for layer in layers]), None, where)
+
+
+class _Block:
+    """A Bi-RWKV block (Sec. 3.2): pre-norm Spatial Mix (Eq. 2-3) and Channel Mix (Eq. 4)."""
+
+    def __init__(self, block: BiRWKVBlock, where: str) -> None:
+        spatial, channel = block.spatial, block.channel
+        if spatial.shift.fused is None or channel.shift.fused is None:
+            raise ValueError(f"{where}: Omni-Shift must be reparameterised first (prepare_for_inference)")
+        c = spatial.channels
+        self.norm1, self.norm2 = _Norm(block.norm1), _Norm(block.norm2)
+        self.gamma1 = block.gamma1.detach().to(torch.float32)
+        self.gamma2 = block.gamma2.detach().to(torch.float32)
+        self.shift1 = fx.ExactConv2d(spatial.shift.fused, None, 2, groups=c, where=f"{where}.spatial.shift")
+        self.kvr = _linear(spatial.kvr, f"{where}.spatial.kvr")
+        self.output = _linear(spatial.output, f"{where}.spatial.output")
+        self.wkv = fx.BiWKV(spatial.decay, spatial.boost)
+        self.shift2 = fx.ExactConv2d(channel.shift.fused, None, 2, groups=c, where=f"{where}.channel.shift")
+        self.key_receptance = _fused([channel.key, channel.receptance], f"{where}.channel.key+receptance")
+        self.value = _linear(channel.value, f"{where}.channel.value")
+        self.channels = c
+        self.hidden = channel.key.out_features
+
+    def to(self, device: torch.device | str) -> _Block:
+        for part in (self.norm1, self.norm2, self.shift1, self.kvr, self.output, self.wkv, self.shift2):
+            part.to(device)
+        self.key_receptance.to(device)
+        self.value.to(device)
+        self.gamma1, self.gamma2 = self.gamma1.to(device), self.gamma2.to(device)
+        return self
+
+    def _shifted(self, shift: fx.ExactConv2d, x: Tensor, h: int, w: int) -> Tensor:
+        b, t, c = x.shape
+        return shift(x.view(b, h, w, c).permute(0, 3, 1, 2)).reshape(b, t, c)
+
+    def __call__(self, x: Tensor, h: int, w: int) -> Tensor:
+        c = self.channels
+        s = self._shifted(self.shift1, self.norm1(x), h, w)
+        k, v, r = self.kvr(s).transpose(1, 2).split(c, dim=1)  # (B, C, T) each
+        gated = fx.sigmoid(r).mul_(self.wkv(k, v))
+        x = x + self.output(gated.transpose(1, 2)).mul_(self.gamma1)
+        s = self._shifted(self.shift2, self.norm2(x), h, w)
+        hidden, receptance = self.key_receptance(s).split([self.hidden, c], dim=-1)
+        hidden = hidden.relu()
+        mixed = fx.sigmoid(receptance).mul_(self.value(hidden.mul_(hidden)))
+        return x + mixed.mul_(self.gamma2)
+
+
+class _Stage:
+    """:class:`~model.layers.BlockStage` on a channels-last ``(B, H, W, C)`` map."""
+
+    def __init__(self, stage: BlockStage, where: str) -> None:
+        self.blocks = [_Block(b, f"{where}.{i}") for i, b in enumerate(stage.blocks)]
+
+    def to(self, device: torch.device | str) -> _Stage:
+        for block in self.blocks:
+            block.to(device)
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.blocks:
+            return x
+        b, h, w, c = x.shape
+        tokens = x.reshape(b, h * w, c)
+        for block in self.blocks:
+            tokens = block(tokens, h, w)
+        return tokens.view(b, h, w, c)
+
+
+class _ChannelContext:
+    def __init__(self, net: ChannelContext, where: str) -> None:
+        self.inp = fx.ExactConv2d(net.inp.weight.detach(), net.inp.bias, 1, where=f"{where}.inp")
+        self.blocks = _Stage(net.blocks, f"{where}.blocks")
+        self.out = _linear(net.out, f"{where}.out")
+
+    def to(self, device: torch.device | str) -> _ChannelContext:
+        self.inp.to(device)
+        self.blocks.to(device)
+        self.out.to(device)
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> channels-last (B, H, W, out)."""
+        return self.out(self.blocks(self.inp(x)))
+
+
+class _ParameterNet:
+    """Three pointwise blocks: projection, LayerNorm, gated squared-ReLU MLP with a residual."""
+
+    def __init__(self, net: ParameterNet, where: str) -> None:
+        self.blocks = []
+        for i, block in enumerate(net.blocks):
+            name = f"{where}.blocks.{i}"
+            mlp = block.mlp
+            self.blocks.append(
+                (
+                    _linear(block.proj, f"{name}.proj"),
+                    _Norm(block.norm),
+                    _fused([mlp.key, mlp.receptance], f"{name}.mlp.key+receptance"),
+                    _linear(mlp.value, f"{name}.mlp.value"),
+                    mlp.key.out_features,
+                )
+            )
+
+    def to(self, device: torch.device | str) -> _ParameterNet:
+        for proj, norm, key_receptance, value, _ in self.blocks:
+            for part in (proj, norm, key_receptance, value):
+                part.to(device)
+        return self
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        for proj, norm, key_receptance, value, hidden_width in self.blocks:
+            x = proj(x)
+            hidden, receptance = key_receptance(norm(x)).split([hidden_width, x.shape[-1]], dim=-1)
+            hidden = hidden.relu()
+            x = x + fx.sigmoid(receptance).mul_(value(hidden.mul_(hidden)))
+        scales, means = x.chunk(2, dim=-1)
+        return scales, means
+
+
+class ExactEntropyPath:
+    """h_s and the RWKV-SCCTX networks of one LALIC network, in the arithmetic of :mod:`model.fixedpoint`.
+
+    Takes ``z_hat``, decoded slices and anchors and parameter-network tokens (any float dtype
+    holding the exact values) and returns float32; :meth:`model.context.ContextModel.code`
+    drives it as ``nets``.
+    """
+
+    def __init__(self, h_s: nn.Sequential, context: ContextModel) -> None:
+        first, stage, last = h_s
+        self._h_s = (
+            _SubpixelDeconv(first, "h_s.0"),
+            _Stage(stage, "h_s.1"),
+            _SubpixelDeconv(last, "h_s.2"),
+        )
+        self._channel = [_ChannelContext(n, f"context.channel.{i}") for i, n in enumerate(context.channel)]
+        self._spatial = []
+        for k, conv in enumerate(context.spatial):
+            masked = (conv.weight * conv.mask).detach()
+            where = f"context.spatial.{k}"
+            self._spatial.append(fx.ExactConv2d(masked, conv.bias, conv.padding[0], where=where))
+        self._params = [_ParameterNet(net, f"context.params.{k}") for k, net in enumerate(context.params)]
+
+    def to(self, device: torch.device | str) -> ExactEntropyPath:
+        for part in (*self._h_s, *self._channel, *self._spatial, *self._params):
+            part.to(device)
+        return self
+
+    def hyper_synthesis(self, z_hat: Tensor) -> Tensor:
+        """h_s: z_hat (B, C_z, h, w) -> the hyper parameters (B, M, 4h, 4w), float32 (channels-last)."""
+        check_latent_range(z_hat, "z_hat")
+        first, stage, last = self._h_s
+        x = stage(first(z_hat.to(torch.float32)))
+        return last(x.permute(0, 3, 1, 2)).permute(0, 3, 1, 2)
+
+    def channel(self, k: int, decoded: Tensor) -> Tensor:
+        check_latent_range(decoded, "y_hat")
+        return self._channel[k - 1](decoded.to(torch.float32)).permute(0, 3, 1, 2)
+
+    def spatial(self, k: int, anchors: Tensor) -> Tensor:
+        check_latent_range(anchors, "y_hat")
+        return self._spatial[k](anchors.to(torch.float32)).permute(0, 3, 1, 2)
+
+    def params(self, k: int, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        return self._params[k](tokens.to(torch.float32))
+
+
+def exact_entropy_path(net: nn.Module) -> ExactEntropyPath:
+    """The :class:`ExactEntropyPath` of a LALIC network prepared for inference (on its device)."""
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        return ExactEntropyPath(net.h_s, net.context).to(device)

@@ -1,0 +1,478 @@
+"""Reproducible arithmetic: results that are the same bits on every IEEE-754 machine and library.
+
+The entropy-parameter path decides the coding distributions, so the encoder and every decoder must
+compute it to the last bit (issue 38; the failure it fixes is CompressAI issues #279 and #309). A
+float32 network is not reproducible: oneDNN, MKL, onnxruntime and CUDA sum in different orders and
+evaluate ``exp`` with different approximations. The kernels here follow Ballé, Johnston and Minnen,
+"Integer networks for data compression with latent-variable models" (ICLR 2019): exact integer
+accumulation, and nonlinearities with one defined rounding. The rules:
+
+1. **Exact products.** Every matrix product and convolution multiplies 14-bit integer mantissas
+   (block floating point: one power-of-two exponent per token row or per image for activations,
+   per output channel for weights; :func:`block_quantize`), each split into two signed digits of
+   at most 7 bits, ``m = 128 hi + lo`` (:func:`int8_digits`), and defines the product as
+   ``2**7 (2**7 hi(a) hi(w) + hi(a) lo(w) + lo(a) hi(w))``: the ``lo lo`` term, below 2**-14 of
+   the largest term, is left out. The digit products are accumulated exactly: on the CPU in int32
+   with ``torch._int_mm`` (VNNI where the CPU has it; 7-bit digits never reach the int16
+   saturation of AVX2's ``vpmaddubsw``), elsewhere in float64. The sum in brackets is an exact
+   int32, rounded once to float32.
+2. **Correctly rounded steps in a fixed order.** Everything else is a sequence of IEEE-754
+   operations that the standard requires to be correctly rounded (+, -, *, /, sqrt,
+   round-half-even, comparisons), one PyTorch operation each (no fused kernels, so no FMA
+   contraction), or exact integer arithmetic (sums, prefix sums, shifts). Activations are float32.
+3. **No library transcendentals.** ``exp`` (and with it sigmoid) is looked up in two tables built
+   with Python's :mod:`decimal` (correctly rounded, pure software) on a 2**-16 grid: :func:`exp_units`.
+4. **Exact scaling.** Powers of two are built from their exponent bits (:func:`pow2`); no division by
+   a Python scalar (CUDA replaces it with a multiplication by the reciprocal).
+"""
+
+from __future__ import annotations
+
+import decimal
+import hashlib
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MANTISSA_BITS = 14
+"""Signed bits of every mantissa entering a product: ``|m| <= 8192`` splits into two signed digits
+``m = 128 hi + lo`` with ``|hi|, |lo| <= 64`` (:func:`int8_digits`)."""
+
+NORM_BITS = 12
+"""Signed bits of a LayerNorm input row: its deviations from the mean and their squares are then
+exact in float32, and their sums exact in float64."""
+
+MAX_FAN_IN = 4032
+"""Largest fan-in of a product: ``2**7 hi hi + hi lo + lo hi`` then stays below 2**31 (int32)."""
+
+MAX_NORM_WIDTH = 1 << 20
+"""Widest LayerNorm: its sum of squared deviations (each at most 2**24) stays below 2**53."""
+
+SIGMOID_FRAC_BITS = 10
+"""The sigmoid table is indexed by its argument rounded to 2**-10 (error at most 2**-12)."""
+
+SIGMOID_RANGE = 16
+"""The sigmoid table covers [-16, 16] (sigmoid(16) is 1 - 1.1e-7); arguments are clamped to it."""
+
+EXP_FRAC_BITS = 16
+"""Arguments of :func:`exp_units` are integers in units of 2**-16."""
+
+EXP_RANGE = 48
+""":func:`exp_units` clamps its argument to [-48, 48] (e^-48 ~ 1.4e-21)."""
+
+_EXP_LOW_BITS = 8  # the argument splits into a high part (a table of 2 * 48 * 256 + 1) and 8 low bits
+_EXP_LIMIT = EXP_RANGE << EXP_FRAC_BITS
+_EXP_OFFSET = EXP_RANGE << (EXP_FRAC_BITS - _EXP_LOW_BITS)
+_KEY_LIMIT = 255 << EXP_FRAC_BITS  # BiWKV keys are clamped to ±255 (differences still fit int32)
+
+ACTIVATION = torch.float32
+"""The dtype of activations between the steps."""
+
+
+def pow2(exponent: Tensor) -> Tensor:
+    """``2.0 ** exponent`` as float32, exactly, for integer exponents in [-126, 127] (from the bits)."""
+    return torch.bitwise_left_shift(exponent.to(torch.int32) + 127, 23).view(torch.float32)
+
+
+def pow2_double(exponent: Tensor) -> Tensor:
+    """``2.0 ** exponent`` as float64, exactly, for integer exponents in [-1022, 1023] (from the bits)."""
+    return torch.bitwise_left_shift(exponent.to(torch.int64) + 1023, 52).view(torch.float64)
+
+
+def block_quantize(
+    x: Tensor, bits: int, dims: int | tuple[int, ...], low: int = -100
+) -> tuple[Tensor, Tensor]:
+    """``x ≈ q * 2**-s``: integer-valued float32 ``q`` with ``|q| <= 2**(bits-1)``, one int32 ``s`` per block.
+
+    A block is what ``dims`` spans (``s`` keeps those dims with size 1): its largest magnitude
+    times ``2**s`` lies in [2**(bits-2), 2**(bits-1)]. The maximum, ``frexp``, the power-of-two
+    scaling and the round-half-even are exact, so ``q`` and ``s`` are reproducible. Blocks below
+    ``2**low`` are quantised as if their maximum were ``2**low`` (mostly to zero).
+    """
+    amax = x.abs().amax(dim=dims, keepdim=True)
+    _, exponent = torch.frexp(amax)  # amax = m * 2**e with m in [0.5, 1); e = 0 for 0
+    shift = (bits - 1) - exponent.clamp_min(low)
+    return torch.round(x * pow2(shift)), shift
+
+
+def ceil_log2(n: int) -> int:
+    """The smallest ``e`` with ``2**e >= n`` (n >= 1)."""
+    return max(0, (int(n) - 1).bit_length())
+
+
+def round_div(numerator: Tensor, denominator: int) -> Tensor:
+    """``numerator / denominator`` rounded to the nearest integer (halves up), for integer tensors."""
+    return torch.div(2 * numerator + denominator, 2 * denominator, rounding_mode="floor")
+
+
+@lru_cache(maxsize=1)
+def _exp_tables() -> tuple[Tensor, Tensor]:
+    """float32 ``e**(j / 256)`` for j in [-48 * 256, 48 * 256] and ``e**(l / 2**16)`` for l in [0, 256).
+
+    Computed with :mod:`decimal` at 40 significant digits (correctly rounded) and rounded to
+    float32 through float64, so every machine builds the same bits (:func:`exp_table_digest`).
+    """
+    ctx = decimal.Context(prec=40, rounding=decimal.ROUND_HALF_EVEN)
+    span = EXP_RANGE << _EXP_LOW_BITS
+    step = decimal.Decimal(1) / decimal.Decimal(1 << _EXP_LOW_BITS)
+    e_step = ctx.exp(step)
+    value = ctx.exp(-step * span)
+    # repeated multiplication at 40 digits drifts by < 1e-34 relative over 24 577 steps
+    high = []
+    for _ in range(2 * span + 1):
+        high.append(float(value))
+        value = ctx.multiply(value, e_step)
+    fine = decimal.Decimal(1) / decimal.Decimal(1 << EXP_FRAC_BITS)
+    low = [float(ctx.exp(fine * i)) for i in range(1 << _EXP_LOW_BITS)]
+    as_f32 = lambda xs: torch.tensor(xs, dtype=torch.float64).to(torch.float32)  # noqa: E731
+    return as_f32(high), as_f32(low)
+
+
+@lru_cache(maxsize=8)
+def _exp_tables_on(device: torch.device) -> tuple[Tensor, Tensor]:
+    high, low = _exp_tables()
+    return high.to(device), low.to(device)
+
+
+@lru_cache(maxsize=8)
+def _sigmoid_table_on(device: torch.device) -> Tensor:
+    return _sigmoid_table().to(device)
+
+
+def exp_table_digest() -> str:
+    """A short digest of the exp and sigmoid tables (tests pin it: a change would change every stream)."""
+    high, low = _exp_tables()
+    data = high.numpy().tobytes() + low.numpy().tobytes() + _sigmoid_table().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def exp_units(argument: Tensor) -> Tensor:
+    """``e ** (argument / 2**16)`` for an int32 ``argument`` (clamped to ±48 * 2**16), float32.
+
+    The product of two table entries, one correctly rounded multiplication: within 1.2e-7
+    relative of the true value, and the same bits everywhere.
+    """
+    high, low = _exp_tables_on(argument.device)
+    a = argument.clamp(-_EXP_LIMIT, _EXP_LIMIT)
+    upper = torch.bitwise_right_shift(a, _EXP_LOW_BITS).add_(_EXP_OFFSET).reshape(-1)
+    lower = torch.bitwise_and(a, (1 << _EXP_LOW_BITS) - 1).reshape(-1)
+    return high.index_select(0, upper).mul_(low.index_select(0, lower)).view(argument.shape)
+
+
+def to_exp_units(x: Tensor, limit: int = _EXP_LIMIT) -> Tensor:
+    """float32 ``x`` on the 2**-16 grid of :func:`exp_units` (rounded half to even), clamped to
+    ``±limit`` units (at most 2**24, where float32 still holds every integer), int32."""
+    return torch.round(x * float(1 << EXP_FRAC_BITS)).clamp_(-limit, limit).to(torch.int32)
+
+
+@lru_cache(maxsize=1)
+def _sigmoid_table() -> Tensor:
+    """float32 ``sigmoid(j / 1024)`` for j in [-16 * 1024, 16 * 1024], from :mod:`decimal` like the
+    exp tables."""
+    ctx = decimal.Context(prec=40, rounding=decimal.ROUND_HALF_EVEN)
+    span = SIGMOID_RANGE << SIGMOID_FRAC_BITS
+    step = ctx.exp(decimal.Decimal(-1) / decimal.Decimal(1 << SIGMOID_FRAC_BITS))  # e^{-1/1024}
+    value = ctx.exp(decimal.Decimal(SIGMOID_RANGE))  # e^{-x} at x = -16
+    out = []
+    for _ in range(2 * span + 1):
+        out.append(float(ctx.divide(1, ctx.add(1, value))))
+        value = ctx.multiply(value, step)
+    return torch.tensor(out, dtype=torch.float64).to(torch.float32)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    """``1 / (1 + e**-x)`` looked up at ``x`` rounded to 2**-10 (clamped to ±16), float32."""
+    table = _sigmoid_table_on(x.device)
+    span = SIGMOID_RANGE << SIGMOID_FRAC_BITS
+    index = torch.round(x * float(1 << SIGMOID_FRAC_BITS)).clamp_(-span, span).to(torch.int32).add_(span)
+    return table.index_select(0, index.reshape(-1)).view(x.shape)
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel block floating point of a weight ``(out, ...)``: integer-valued float32
+    mantissas of :data:`MANTISSA_BITS` bits and the float32 scales ``2**-s`` ``(out,)``."""
+    w = weight.detach().to(torch.float32)
+    q, shift = block_quantize(w, MANTISSA_BITS, tuple(range(1, w.dim())))
+    return q, pow2(-shift).reshape(-1)
+
+
+def int8_digits(q: Tensor) -> tuple[Tensor, Tensor]:
+    """``q = 128 hi + lo`` for integer-valued ``|q| <= 8192``: int8 ``hi`` and ``lo`` in [-64, 64]."""
+    hi = torch.round(q * (1.0 / 128))
+    lo = torch.sub(q, hi, alpha=128.0)  # exact integers: fused or not, the same value
+    return hi.to(torch.int8), lo.to(torch.int8)
+
+
+def check_fan_in(weight_mantissas: Tensor, where: str) -> None:
+    """Refuse a layer whose digit products could leave int32 (the fan-in limit)."""
+    fan_in = weight_mantissas[0].numel() if weight_mantissas.numel() else 0
+    if fan_in > MAX_FAN_IN:
+        raise ValueError(f"{where}: fan-in {fan_in} above {MAX_FAN_IN}: products would not stay exact")
+
+
+def use_int8_products(device: torch.device) -> bool:
+    """Whether products run as int8 digit products (``torch._int_mm``, the CPU) or in float64."""
+    return device.type == "cpu"
+
+
+class ExactProduct:
+    """``q @ W`` for mantissas ``q (M, K)`` (as int8 digits) and a fixed ``W (K, N)``, as rule 1 defines it.
+
+    Returns the exact int32 ``2**7 hi(q) hi(W) + [hi(q) | lo(q)] [lo(W); hi(W)]`` as float32
+    (one rounding); the caller scales it by ``2**7``. On the CPU the two digit products are int8
+    with int32 accumulation (``torch._int_mm``), elsewhere float64; both give the same bits.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        hi, lo = int8_digits(weight.to(torch.float32))
+        self.hi, self.cross = hi.contiguous(), torch.cat([lo, hi], dim=0)
+
+    def to(self, device: torch.device | str) -> ExactProduct:
+        self.hi, self.cross = self.hi.to(device), self.cross.to(device)
+        return self
+
+    def __call__(self, hi: Tensor, lo: Tensor, use_int8: bool | None = None) -> Tensor:
+        """The product from the int8 digits ``hi``, ``lo`` (M, K) of the mantissas."""
+        both = torch.cat([hi, lo], dim=1)
+        if use_int8 is None:
+            use_int8 = use_int8_products(hi.device)
+        if use_int8:
+            inner = torch._int_mm(both, self.cross).add_(torch._int_mm(hi, self.hi), alpha=128)
+        else:
+            f64 = lambda t: t.to(torch.float64)  # noqa: E731
+            inner = torch.matmul(f64(both), f64(self.cross)).add_(
+                torch.matmul(f64(hi), f64(self.hi)), alpha=128
+            )
+        return inner.to(torch.float32)
+
+
+class ExactLinear:
+    """``y = x W^T + b`` over the last dim: one exact product (rule 1), then scaling and the bias."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, where: str = "linear") -> None:
+        q, scale = quantize_weight(weight)
+        check_fan_in(q, where)
+        self.product = ExactProduct(q.t())
+        self.scale = scale
+        self.bias = None if bias is None else bias.detach().to(torch.float32)
+        self.out_features = q.shape[0]
+
+    def to(self, device: torch.device | str) -> ExactLinear:
+        self.product.to(device)
+        self.scale = self.scale.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        return self
+
+    def __call__(self, x: Tensor, use_int8: bool | None = None) -> Tensor:
+        q, shift = block_quantize(x, MANTISSA_BITS, -1)
+        hi, lo = int8_digits(q.reshape(-1, q.shape[-1]))
+        acc = self.product(hi, lo, use_int8).view(*q.shape[:-1], -1).mul_(pow2(7 - shift))
+        if self.bias is None:
+            return acc.mul_(self.scale)
+        return torch.addcmul(self.bias, acc, self.scale)  # acc * scale is exact: fused or not, the same
+
+
+def gather_taps(x: Tensor, taps: list[tuple[int, int]], pad: int) -> Tensor:
+    """im2col of a ``(B, C, H, W)`` map for a stride-1 convolution: ``(B H W, len(taps) C)``, row
+    ``(b, y, x)`` holding ``x[b, :, y + dy - pad, x + dx - pad]`` for each tap ``(dy, dx)`` (zero outside)."""
+    b, c, h, w = x.shape
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad))  # (B, H + 2p, W + 2p, C)
+    cols = torch.stack([padded[:, dy : dy + h, dx : dx + w] for dy, dx in taps], dim=3)
+    return cols.reshape(b * h * w, len(taps) * c)
+
+
+class ExactConv2d:
+    """A 2-D convolution (stride 1, zero padding, square kernel) of mantissas quantised per image.
+
+    One exponent per image (all channels and positions), so the result does not depend on the
+    batch. ``groups`` is 1 or the channel count (depthwise). Returns a channels-last map.
+
+    - Dense: the taps whose weights are not all zero (the checkerboard convolution has 12 of 25)
+      gathered from the int8 digits (:func:`gather_taps`) into one :class:`ExactProduct`.
+    - Depthwise (Omni-Shift): all four digit products, per digit of the input a sum of ``k * k``
+      products below 2**24: on the CPU float32 convolutions (oneDNN; exact since every partial
+      sum is an integer below 2**24), elsewhere unfold and float64 sums (CUDA may use TF32).
+    """
+
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, padding: int, groups: int = 1, where: str = "conv"
+    ) -> None:
+        out_ch, in_per_group, kernel, kernel_w = weight.shape
+        if kernel != kernel_w:
+            raise ValueError(f"{where}: square kernels only, got {tuple(weight.shape)}")
+        if groups not in (1, out_ch) or (groups != 1 and in_per_group != 1):
+            raise ValueError(f"{where}: groups must be 1 or depthwise, got {groups}")
+        q, scale = quantize_weight(weight)
+        self.kernel, self.padding, self.groups = kernel, padding, groups
+        self.scale = scale
+        self.bias = None if bias is None else bias.detach().to(torch.float32)
+        if groups == 1:
+            live = q.abs().sum(dim=(0, 1)) > 0
+            self.taps = [(dy, dx) for dy in range(kernel) for dx in range(kernel) if live[dy, dx]]
+            rows = torch.stack([q[:, :, dy, dx] for dy, dx in self.taps], dim=1)  # (out, taps, in)
+            check_fan_in(rows, where)
+            self.product = ExactProduct(rows.reshape(out_ch, -1).t())
+        else:
+            self.weight = q  # (C, 1, k, k) mantissas
+
+    def to(self, device: torch.device | str) -> ExactConv2d:
+        self.scale = self.scale.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        if self.groups == 1:
+            self.product.to(device)
+        else:
+            self.weight = self.weight.to(device)
+        return self
+
+    def _depthwise(self, digits: Tensor, native: bool) -> Tensor:
+        """The exact depthwise convolution of digit maps (N, C, H, W) (float32 integers of at most
+        7 bits), float32 channels-last."""
+        n, c, h, w = digits.shape
+        if native:
+            return F.conv2d(digits, self.weight, padding=self.padding, groups=c).permute(0, 2, 3, 1)
+        taps = self.kernel * self.kernel
+        cols = F.unfold(digits.to(torch.float64), self.kernel, padding=self.padding).view(n, c, taps, h * w)
+        acc = (cols * self.weight.to(torch.float64).view(1, c, taps, 1)).sum(2).to(torch.float32)
+        return acc.view(n, c, h, w).permute(0, 2, 3, 1)
+
+    def __call__(self, x: Tensor, native: bool | None = None) -> Tensor:
+        """The convolution of ``x`` (B, C, H, W) as a channels-last ``(B, H, W, out)`` float32 map."""
+        if native is None:
+            native = use_int8_products(x.device)
+        b, _, h, w = x.shape
+        q, shift = block_quantize(x, MANTISSA_BITS, (1, 2, 3))
+        if self.groups != 1:  # the two digits as float32 maps
+            hi = torch.round(q * (1.0 / 128))
+            high = self._depthwise(hi, native)
+            acc = high.mul_(128.0).add_(self._depthwise(q.sub_(hi, alpha=128.0), native))
+            acc = acc.mul_(pow2(-shift).view(b, 1, 1, 1))
+            return acc.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, acc, self.scale)
+        hi, lo = int8_digits(q)
+        cols = (gather_taps(d, self.taps, self.padding) for d in (hi, lo))
+        acc = self.product(*cols, use_int8=native).view(b, h, w, -1).mul_(pow2(7 - shift).view(b, 1, 1, 1))
+        if self.bias is None:
+            return acc.mul_(self.scale)
+        return torch.addcmul(self.bias, acc, self.scale)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last dim with exact moments and correctly rounded scaling.
+
+    Each row is quantised to :data:`NORM_BITS` bits (``x = q 2**-s``); the mean is the integer
+    ``m = round(sum q / C)`` and ``var = sum (q - m)**2 / C``: every deviation and square is an
+    exact float32 (``|q - m| <= 2**12``) and both sums accumulate exactly in float64. The result
+    ``(q - m) / sqrt(var + eps 4**s)`` is ``(x - mean) / sqrt(var_x + eps)`` in the row's units
+    (the row-level terms in float64, then one float32 division per element).
+    """
+    width = x.shape[-1]
+    if width > MAX_NORM_WIDTH:
+        raise ValueError(f"layer_norm: at most {MAX_NORM_WIDTH} channels, got {width}")
+    q, shift = block_quantize(x, NORM_BITS, -1)
+    widths = torch.full(q.shape[:-1] + (1,), float(width), dtype=torch.float64, device=x.device)
+    mean = torch.round(q.sum(-1, keepdim=True, dtype=torch.float64) / widths)
+    dev = q.sub_(mean.to(torch.float32))  # |dev| <= 2**12: exact, and so is its square
+    var = torch.mul(dev, dev).sum(-1, keepdim=True, dtype=torch.float64) / widths
+    denom = torch.sqrt(var.add_(pow2_double(2 * shift).mul_(eps))).to(torch.float32)
+    return dev.div_(denom).mul_(weight).add_(bias)
+
+
+def to_fixed_units(parameter: Tensor) -> Tensor:
+    """A float parameter in units of 2**-16, int64 (decay and boost of :func:`biwkv`)."""
+    return torch.round(parameter.detach().to(torch.float64) * float(1 << EXP_FRAC_BITS)).to(torch.int64)
+
+
+class BiWKV:
+    """Bidirectional WKV (LALIC Eq. 3) of one Spatial Mix, reproducibly.
+
+    ``wkv_t = (sum_{i != t} e^{-(|t-i|-1) w + k_i} v_i + e^{u + k_t} v_t) / (the same without v)``
+    with ``w = decay / T`` and ``u = boost / T``. With ``m`` the row's largest ``k`` (it cancels),
+    the left sum is ``e^{-(t-1) w} sum_{i<t} e^{i w} e^{k_i - m} v_i`` and the right one
+    ``e^{(t+1) w} sum_{i>t} e^{-i w} e^{k_i - m} v_i``. Every exponential comes from
+    :func:`exp_units` with its argument rounded to 2**-16 (``i w`` as ``round(i decay / T)``);
+    the terms are converted to int64 fixed point with one exponent per row (62 bits for the
+    whole row sum) and summed with exact integer prefix sums. Since ``|i w| <= |decay|``, no term
+    exceeds ``e^{|decay|}``. The decay profiles depend only on ``T`` and are kept for the last one.
+    """
+
+    def __init__(self, decay: Tensor, boost: Tensor) -> None:
+        self.decay = to_fixed_units(decay)  # (C,) int64
+        self.boost = to_fixed_units(boost)
+        self._profiles: tuple[int, tuple[Tensor, ...]] | None = None
+
+    def to(self, device: torch.device | str) -> BiWKV:
+        self.decay, self.boost = self.decay.to(device), self.boost.to(device)
+        self._profiles = None
+        return self
+
+    def profiles(self, t: int) -> tuple[Tensor, ...]:
+        """``e^{i w}``, ``e^{-i w}``, ``e^{-(t-1) w}``, ``e^{(t+1) w}`` (C, T) and ``e^u`` (C, 1), float32."""
+        if self._profiles is None or self._profiles[0] != t:
+            steps = torch.arange(-1, t + 1, device=self.decay.device, dtype=torch.int64)
+            iw = round_div(steps[None, :] * self.decay[:, None], t).clamp_(-_EXP_LIMIT, _EXP_LIMIT)
+            iw = iw.to(torch.int32)  # (C, T + 2): i * decay / T on the grid, for i = -1 .. T
+            inner = iw[:, 1:-1]
+            own = round_div(self.boost, t).clamp_(-_EXP_LIMIT, _EXP_LIMIT).to(torch.int32)[:, None]
+            exps = (exp_units(inner), exp_units(-inner), exp_units(-iw[:, :-2]), exp_units(iw[:, 2:]))
+            self._profiles = (t, (*exps, exp_units(own)))
+        return self._profiles[1]
+
+    def __call__(self, k: Tensor, v: Tensor) -> Tensor:
+        """``k``, ``v``: float32 (B, C, T) -> wkv (B, C, T) float32."""
+        t = k.shape[-1]
+        grow, shrink, to_left, to_right, own = self.profiles(t)
+        kq = to_exp_units(k, _KEY_LIMIT)
+        rel = exp_units(kq - kq.amax(-1, keepdim=True))  # e^{k - m} <= 1
+        left = rel * grow
+        right = rel * shrink
+        mine = rel * own
+        # every row of the four term sequences in int64 fixed point (62 bits for a whole row sum);
+        # exclusive prefix sums, and suffix sums as the row total minus the inclusive prefix
+        terms = torch.empty((4, *k.shape), dtype=torch.float32, device=k.device)
+        torch.mul(left, v, out=terms[0])
+        terms[1].copy_(left)
+        torch.mul(right, v, out=terms[2])
+        terms[3].copy_(right)
+        q, shift = block_quantize(terms, 62 - ceil_log2(t), -1, low=-60)
+        qi = q.to(torch.int64)
+        inclusive = qi.cumsum(-1)
+        scales = pow2(-shift)
+        before = inclusive[:2].sub_(qi[:2]).to(torch.float32).mul_(scales[:2])
+        after = inclusive[2:, ..., -1:].sub(inclusive[2:]).to(torch.float32).mul_(scales[2:])
+        num = before[0].mul_(to_left).add_(after[0].mul_(to_right)).add_(mine * v)
+        den = before[1].mul_(to_left).add_(after[1].mul_(to_right)).add_(mine)
+        return num.div_(den)
+
+
+__all__ = [
+    "ACTIVATION",
+    "EXP_FRAC_BITS",
+    "EXP_RANGE",
+    "MANTISSA_BITS",
+    "MAX_FAN_IN",
+    "MAX_NORM_WIDTH",
+    "SIGMOID_FRAC_BITS",
+    "SIGMOID_RANGE",
+    "NORM_BITS",
+    "BiWKV",
+    "ExactConv2d",
+    "ExactLinear",
+    "ExactProduct",
+    "block_quantize",
+    "ceil_log2",
+    "check_fan_in",
+    "exp_table_digest",
+    "exp_units",
+    "gather_taps",
+    "int8_digits",
+    "layer_norm",
+    "pow2",
+    "pow2_double",
+    "quantize_weight",
+    "round_div",
+    "sigmoid",
+    "to_exp_units",
+    "to_fixed_units",
+    "use_int8_products",
+]
