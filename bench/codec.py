@@ -6,6 +6,7 @@ Run from the repository root with the venv active, e.g.::
     python bench/codec.py --sizes 768x512 --runs 5 --peers bmshj2018-hyperprior jpeg
     python bench/codec.py --pause ~/.cache/lalic/train.pid  # SIGSTOP a background job while timing
     python bench/codec.py --config lalic --sizes 768x512 --backends torch --peers  # the paper's model
+    python bench/codec.py --backends torch+v1 torch torch+bf16 --peers bmshj2018-hyperprior  # variants
 
 Every (codec, size) pair runs in its own subprocess, so its peak resident memory
 (``getrusage(RUSAGE_CHILDREN).ru_maxrss``) is its own. Each subprocess warms up once, then times
@@ -13,6 +14,11 @@ Every (codec, size) pair runs in its own subprocess, so its peak resident memory
 reports the median and p90 of every stage. The parent reads ``/proc/stat`` around each
 subprocess and reports how much CPU *other* processes used meanwhile ("other load"): numbers
 taken while that is above ~5 % of the machine are not trustworthy on a 2-core host.
+
+A LALIC backend may carry modifiers after ``+``: ``v1`` writes (and decodes) container version 1,
+the float32 entropy path of releases before 2026-12-06 (the default is version 2, the reproducible
+path); ``bf16`` runs g_a and g_s in bfloat16 (``analysis_precision``, ``synthesis_precision``). So
+``torch+v1`` is the codec as it was before issues 38 and 39, and ``torch+bf16`` the fastest today.
 
 LALIC stages (timers inside :class:`model.codec.Codec`): ``analysis`` (g_a with gain),
 ``hyper`` (h_a, z quantisation), ``entropy_parameters`` (h_s and the 10 context/parameter-network
@@ -120,6 +126,31 @@ def _timed(fn, runs: int) -> tuple[list[float], object]:
     return times, out
 
 
+MODIFIERS = {
+    "v1": {"stream_version": 1},
+    "bf16": {"analysis_precision": "bfloat16", "synthesis_precision": "bfloat16"},
+}
+"""What a ``+modifier`` after a LALIC backend passes to :class:`model.codec.Codec`."""
+
+
+def lalic_variant(spec: str) -> tuple[str, dict]:
+    """``"torch+v1+bf16"`` -> (``"torch"``, the codec options of its modifiers)."""
+    backend, *mods = spec.split("+")
+    if backend not in LALIC_BACKENDS or any(m not in MODIFIERS for m in mods):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: a backend of {LALIC_BACKENDS} with optional +modifiers of {sorted(MODIFIERS)}"
+        )
+    options: dict = {}
+    for mod in mods:
+        options.update(MODIFIERS[mod])
+    return backend, options
+
+
+def _variant_arg(spec: str) -> str:
+    lalic_variant(spec)
+    return spec
+
+
 def run_lalic(
     backend: str, image: np.ndarray, runs: int, quality: float, threads: int, config: str = "lalic-s"
 ) -> dict:
@@ -128,7 +159,8 @@ def run_lalic(
     from model.codec import Codec
 
     torch.set_num_threads(threads)
-    codec = Codec.random(config, seed=0, backend=backend)
+    backend, options = lalic_variant(backend)
+    codec = Codec.random(config, seed=0, backend=backend, **options)
     data = codec.compress(image, quality)
     codec.decompress(data)
     enc: dict[str, list[float]] = {}
@@ -583,7 +615,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", nargs="+", default=SIZES, help="WIDTHxHEIGHT sizes (default: %(default)s)")
-    parser.add_argument("--backends", nargs="+", default=LALIC_BACKENDS, choices=LALIC_BACKENDS)
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=LALIC_BACKENDS,
+        type=_variant_arg,
+        help="LALIC backends, each with optional +v1 / +bf16 modifiers (default: %(default)s)",
+    )
     parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per codec and size (default 5)")
     parser.add_argument("--large-runs", type=int, default=2, help="timed runs above 2 megapixels (default 2)")
