@@ -205,6 +205,17 @@ def int8_digits(q: Tensor) -> tuple[Tensor, Tensor]:
     return hi.to(torch.int8), lo.to(torch.int8)
 
 
+def int8_digit_rows(q: Tensor) -> Tensor:
+    """The digits of :func:`int8_digits` side by side: ``[hi | lo]`` (M, 2K) int8 for ``q`` (M, K)
+    (written straight into one buffer: the form :class:`ExactProduct` multiplies)."""
+    k = q.shape[-1]
+    both = torch.empty((q.shape[0], 2 * k), dtype=torch.int8, device=q.device)
+    hi = torch.round(q * (1.0 / 128))
+    both[:, :k].copy_(hi)
+    both[:, k:].copy_(torch.sub(q, hi, alpha=128.0))
+    return both
+
+
 def check_fan_in(weight_mantissas: Tensor, where: str) -> None:
     """Refuse a layer whose digit products could leave int32 (the fan-in limit)."""
     fan_in = weight_mantissas[0].numel() if weight_mantissas.numel() else 0
@@ -233,9 +244,10 @@ class ExactProduct:
         self.hi, self.cross = self.hi.to(device), self.cross.to(device)
         return self
 
-    def __call__(self, hi: Tensor, lo: Tensor, use_int8: bool | None = None) -> Tensor:
-        """The product from the int8 digits ``hi``, ``lo`` (M, K) of the mantissas."""
-        both = torch.cat([hi, lo], dim=1)
+    def __call__(self, both: Tensor, use_int8: bool | None = None) -> Tensor:
+        """The product from the int8 digits ``[hi | lo]`` (M, 2K) of the mantissas
+        (:func:`int8_digit_rows`)."""
+        hi = both[:, : self.hi.shape[0]]
         if use_int8 is None:
             use_int8 = use_int8_products(hi.device)
         if use_int8:
@@ -267,8 +279,8 @@ class ExactLinear:
 
     def __call__(self, x: Tensor, use_int8: bool | None = None) -> Tensor:
         q, shift = block_quantize(x, MANTISSA_BITS, -1)
-        hi, lo = int8_digits(q.reshape(-1, q.shape[-1]))
-        acc = self.product(hi, lo, use_int8).view(*q.shape[:-1], -1).mul_(pow2(7 - shift))
+        acc = self.product(int8_digit_rows(q.reshape(-1, q.shape[-1])), use_int8)
+        acc = acc.view(*q.shape[:-1], -1).mul_(pow2(7 - shift))
         if self.bias is None:
             return acc.mul_(self.scale)
         return torch.addcmul(self.bias, acc, self.scale)  # acc * scale is exact: fused or not, the same
@@ -349,9 +361,8 @@ class ExactConv2d:
             acc = high.mul_(128.0).add_(self._depthwise(q.sub_(hi, alpha=128.0), native))
             acc = acc.mul_(pow2(-shift).view(b, 1, 1, 1))
             return acc.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, acc, self.scale)
-        hi, lo = int8_digits(q)
-        cols = (gather_taps(d, self.taps, self.padding) for d in (hi, lo))
-        acc = self.product(*cols, use_int8=native).view(b, h, w, -1).mul_(pow2(7 - shift).view(b, 1, 1, 1))
+        cols = torch.cat([gather_taps(d, self.taps, self.padding) for d in int8_digits(q)], dim=1)
+        acc = self.product(cols, use_int8=native).view(b, h, w, -1).mul_(pow2(7 - shift).view(b, 1, 1, 1))
         if self.bias is None:
             return acc.mul_(self.scale)
         return torch.addcmul(self.bias, acc, self.scale)
@@ -465,6 +476,7 @@ __all__ = [
     "exp_table_digest",
     "exp_units",
     "gather_taps",
+    "int8_digit_rows",
     "int8_digits",
     "layer_norm",
     "pow2",
