@@ -74,3 +74,16 @@ def test_version_1_streams_still_decode_where_they_were_made(tmp_path: Path) -> 
     assert read_header((tmp_path / name).read_bytes()).version == 1
     here = run_matrix(tmp_path, reference, [Decoder("torch, 2 threads")])
     assert here["torch, 2 threads"]["summary"]["same"] == [name]
+
+
+def test_the_kernels_a_gpu_runs_decode_the_corpus_to_the_same_latents(shipped: Codec, monkeypatch) -> None:
+    """Off the CPU the path multiplies in float64 and convolves by unfold (no int8 products, no
+    oneDNN, no TF32): run those kernels here and the committed streams still decode to their
+    recorded latents, so a CUDA decoder differs from a CPU one only in what IEEE-754 fixes."""
+    import model.fixedpoint as fx
+
+    expected = json.loads((CORPUS_DIR / "expected.json").read_text())["y_hat"]
+    monkeypatch.setattr(fx, "use_int8_products", lambda device: False)
+    for name in ("kodim04-q1.lalic", "kodim23-q6.lalic"):
+        y_hat, _ = shipped.decode_latents((CORPUS_DIR / name).read_bytes())
+        assert latent_digest(y_hat) == expected[name]
