@@ -645,9 +645,7 @@ class Codec:
             z_hat = torch.from_numpy(arrays[0]).to(self.device).float() + med
             y_hat, _ = self._entropy_parameters(z_hat[None], decode=decode, version=header.version)
             decoder.finish()
-        except CoderError as exc:
-            raise BitstreamError(f"corrupt entropy-coded data: {exc}") from exc
-        except LatentRangeError as exc:
+        except (CoderError, LatentRangeError) as exc:
             raise BitstreamError(f"corrupt entropy-coded data: {exc}") from exc
         if timings is not None:  # range decoding inside the loop counts as coding, not parameters
             spent = time.perf_counter() - start

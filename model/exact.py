@@ -231,6 +231,7 @@ class ExactEntropyPath:
             where = f"context.spatial.{k}"
             self._spatial.append(fx.ExactConv2d(masked, conv.bias, conv.padding[0], where=where))
         self._params = [_ParameterNet(net, f"context.params.{k}") for k, net in enumerate(context.params)]
+        self._slices = context.slices
 
     def to(self, device: torch.device | str) -> ExactEntropyPath:
         for part in (*self._h_s, *self._channel, *self._spatial, *self._params):
@@ -245,7 +246,8 @@ class ExactEntropyPath:
         return last(x.permute(0, 3, 1, 2)).permute(0, 3, 1, 2)
 
     def channel(self, k: int, decoded: Tensor) -> Tensor:
-        check_latent_range(decoded, "y_hat")
+        """Slices ``0 .. k-1`` decoded; slice ``k-1`` is new here (earlier ones were checked before)."""
+        check_latent_range(decoded[:, sum(self._slices[: k - 1]) :], "y_hat")
         return self._channel[k - 1](decoded.to(torch.float32)).permute(0, 3, 1, 2)
 
     def spatial(self, k: int, anchors: Tensor) -> Tensor:

@@ -67,9 +67,6 @@ _EXP_LIMIT = EXP_RANGE << EXP_FRAC_BITS
 _EXP_OFFSET = EXP_RANGE << (EXP_FRAC_BITS - _EXP_LOW_BITS)
 _KEY_LIMIT = 255 << EXP_FRAC_BITS  # BiWKV keys are clamped to ±255 (differences still fit int32)
 
-ACTIVATION = torch.float32
-"""The dtype of activations between the steps."""
-
 
 def pow2(exponent: Tensor) -> Tensor:
     """``2.0 ** exponent`` as float32, exactly, for integer exponents in [-126, 127] (from the bits)."""
@@ -198,10 +195,15 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, pow2(-shift).reshape(-1)
 
 
+def _digit_values(q: Tensor) -> tuple[Tensor, Tensor]:
+    """The digits ``hi = round(q / 128)`` and ``lo = q - 128 hi`` as values of ``q``'s dtype."""
+    hi = torch.round(q * (1.0 / 128))
+    return hi, torch.sub(q, hi, alpha=128.0)  # exact integers: fused or not, the same value
+
+
 def int8_digits(q: Tensor) -> tuple[Tensor, Tensor]:
     """``q = 128 hi + lo`` for integer-valued ``|q| <= 8192``: int8 ``hi`` and ``lo`` in [-64, 64]."""
-    hi = torch.round(q * (1.0 / 128))
-    lo = torch.sub(q, hi, alpha=128.0)  # exact integers: fused or not, the same value
+    hi, lo = _digit_values(q)
     return hi.to(torch.int8), lo.to(torch.int8)
 
 
@@ -210,9 +212,9 @@ def int8_digit_rows(q: Tensor) -> Tensor:
     (written straight into one buffer: the form :class:`ExactProduct` multiplies)."""
     k = q.shape[-1]
     both = torch.empty((q.shape[0], 2 * k), dtype=torch.int8, device=q.device)
-    hi = torch.round(q * (1.0 / 128))
+    hi, lo = _digit_values(q)
     both[:, :k].copy_(hi)
-    both[:, k:].copy_(torch.sub(q, hi, alpha=128.0))
+    both[:, k:].copy_(lo)
     return both
 
 
@@ -356,9 +358,8 @@ class ExactConv2d:
         b, _, h, w = x.shape
         q, shift = block_quantize(x, MANTISSA_BITS, (1, 2, 3))
         if self.groups != 1:  # the two digits as float32 maps
-            hi = torch.round(q * (1.0 / 128))
-            high = self._depthwise(hi, native)
-            acc = high.mul_(128.0).add_(self._depthwise(q.sub_(hi, alpha=128.0), native))
+            hi, lo = _digit_values(q)
+            acc = self._depthwise(hi, native).mul_(128.0).add_(self._depthwise(lo, native))
             acc = acc.mul_(pow2(-shift).view(b, 1, 1, 1))
             return acc.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, acc, self.scale)
         cols = torch.cat([gather_taps(d, self.taps, self.padding) for d in int8_digits(q)], dim=1)
@@ -457,7 +458,6 @@ class BiWKV:
 
 
 __all__ = [
-    "ACTIVATION",
     "EXP_FRAC_BITS",
     "EXP_RANGE",
     "MANTISSA_BITS",
