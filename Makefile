@@ -8,9 +8,11 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-# glibc keeps large tensors mapped instead of unmapping them on free (5x faster large ops on our VMs)
+# glibc keeps large tensors mapped instead of unmapping them on free, in one arena for every thread
+# (5x faster large ops on our VMs; model/malloc.py says why, and is where these values live)
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
+export MALLOC_ARENA_MAX := 1
 
 .PHONY: run test lint install deploy-tools gpu-kit clean
 

@@ -30,9 +30,9 @@ up to ``--slow-max-pixels``), and Pillow's JPEG (quality 85), WebP (80), AVIF (6
 JPEG XL (pillow-jxl-plugin, quality 80, effort 7) encoders and decoders.
 
 Results go to ``--out`` (default ``bench/results``): ``codec.json`` (all raw times),
-``codec.md`` (tables) and ``codec_time_vs_pixels.png``. The environment sets glibc's mmap and
-trim thresholds (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) for every subprocess, as
-the service's launcher does: large tensor allocations are otherwise 5-8x slower on these VMs.
+``codec.md`` (tables) and ``codec_time_vs_pixels.png``. Every subprocess gets
+glibc's malloc tuning (:data:`model.malloc.MALLOC_ENVIRONMENT`), as the service's launcher does:
+large tensor allocations are otherwise 5-8x slower on these VMs.
 """
 
 from __future__ import annotations
@@ -61,13 +61,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from model.malloc import MALLOC_ENVIRONMENT  # noqa: E402
 from model.paths import KODAK_DIR  # noqa: E402
 
 KODAK = KODAK_DIR / "kodim23.png"
 SIZES = ["512x512", "768x512", "1920x1080", "3840x2160"]
 LALIC_BACKENDS = ["torch", "torchscript", "onnxruntime"]
 PEERS = ["bmshj2018-hyperprior", "mbt2018-mean", "cheng2020-anchor", "jpeg", "webp", "avif", "jxl"]
-ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
 # ------------------------------------------------------------------------------------ worker
@@ -310,7 +310,7 @@ class Pauser:
 
 
 def run_child(spec: dict, pauser: Pauser, timeout: float) -> dict:
-    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **MALLOC_ENVIRONMENT, "PYTHONPATH": str(ROOT)}
     env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     with pauser.paused():

@@ -30,8 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(1, str(ROOT))
-from codec import ENV, test_image  # noqa: E402
+from codec import test_image  # noqa: E402
 
+from model.malloc import MALLOC_ENVIRONMENT  # noqa: E402
 from tests.service.helpers import free_port  # noqa: E402
 
 PARSERS = ("h11", "httptools")
@@ -76,7 +77,7 @@ def measure(parser: str) -> dict[str, tuple[float, float]]:
     process = subprocess.Popen(
         [sys.executable, __file__, "--serve", parser, str(port)],
         cwd=ROOT,
-        env={**os.environ, **ENV},
+        env={**os.environ, **MALLOC_ENVIRONMENT},
         stdout=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

@@ -38,7 +38,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from codec import ENV, Pauser, cpu_jiffies, machine, set_autogroup_nice, test_image  # noqa: E402
+from codec import Pauser, cpu_jiffies, machine, set_autogroup_nice, test_image  # noqa: E402
+
+from model.malloc import MALLOC_ENVIRONMENT  # noqa: E402
 
 
 def free_port() -> int:
@@ -53,7 +55,7 @@ def service(args: argparse.Namespace, batch: int, queue: int | None = None):
     port = free_port()
     env = {
         **os.environ,
-        **ENV,
+        **MALLOC_ENVIRONMENT,
         "PYTHONPATH": str(ROOT),
         "LALIC_PORT": str(port),
         "LALIC_HOST": "127.0.0.1",

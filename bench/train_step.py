@@ -36,10 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from codec import ENV, Pauser, machine  # noqa: E402
+from codec import Pauser, machine  # noqa: E402
 
 from model.configs import get_config  # noqa: E402
 from model.lalic import LALIC  # noqa: E402
+from model.malloc import MALLOC_ENVIRONMENT  # noqa: E402
 from model.paths import TRAIN_DATA_DIR  # noqa: E402
 from model.train import CropSampler, find_images, make_optimisers, optimisation_step  # noqa: E402
 
@@ -140,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pause", help="pid file of a background job to SIGSTOP while timing")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
-    if argv is None and any(os.environ.get(k) != v for k, v in {**ENV, "OMP_WAIT_POLICY": "PASSIVE"}.items()):
+    if argv is None and any(
+        os.environ.get(k) != v for k, v in {**MALLOC_ENVIRONMENT, "OMP_WAIT_POLICY": "PASSIVE"}.items()
+    ):
         # glibc and libgomp read these at start-up: run again with them, as `lalic train` is run
-        env = {**os.environ, **ENV, "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, **MALLOC_ENVIRONMENT, "OMP_WAIT_POLICY": "PASSIVE"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.set_num_threads(args.threads)
     info = {

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from model.malloc import MALLOC_ENVIRONMENT
 from tests.deploy.conftest import run_tool, tool
 from tests.deploy.promql import DOCKER, REPO
 
@@ -200,7 +201,7 @@ def test_dockerfile_runtime(dockerfile: str) -> None:
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     assert re.search(r"^HEALTHCHECK .*", runtime, flags=re.MULTILINE)
     assert "/readyz" in runtime[runtime.index("HEALTHCHECK") :]
-    assert "MALLOC_MMAP_THRESHOLD_=4294967296" in runtime and "MALLOC_TRIM_THRESHOLD_=4294967296" in runtime
+    assert all(f"{name}={value}" in runtime for name, value in MALLOC_ENVIRONMENT.items())
     assert 'CMD ["lalic", "serve", "--host", "0.0.0.0", "--port", "8000"]' in runtime
     assert "EXPOSE 8000" in runtime
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from model.malloc import MALLOC_ENVIRONMENT
 from tests.deploy.conftest import run_tool, tool
 from tests.deploy.promql import DOCKER
 
@@ -50,7 +51,7 @@ def test_deployment(resources: dict[str, dict[str, Any]]) -> None:
     assert container["command"] == ["lalic", "serve", "--host", "0.0.0.0", "--port", "8000"]
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["LALIC_DEVICE"] == "cuda"
-    assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == "4294967296"
+    assert {name: env[name] for name in MALLOC_ENVIRONMENT} == MALLOC_ENVIRONMENT
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     labels = deployment["spec"]["template"]["metadata"]["labels"]

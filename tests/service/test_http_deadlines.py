@@ -83,6 +83,10 @@ def compress_batches(server: Server) -> float:
     return server.metrics().get(("lalic_batch_size_count", (("operation", "compress"),)), 0.0)
 
 
+def compress_abandoned(server: Server) -> float:
+    return server.metrics()[("lalic_jobs_abandoned_total", (("operation", "compress"),))]
+
+
 def timed_post(http: httpx.Client, body: bytes) -> tuple[httpx.Response, float]:
     started = time.monotonic()
     response = http.post("/compress?quality=3", content=body, headers=PNG)
@@ -128,20 +132,32 @@ def test_the_issues_36_mp_images_are_413_at_once_and_never_start(admitting: Serv
     assert compress_batches(admitting) == batches + 1  # only the small image ran
 
 
+def largest_side_named(http: httpx.Client) -> int:
+    """The side of the largest square image the 413 for the issue's 36 MP image says is served."""
+    detail = http.post("/compress?quality=3", content=grey_png(6000, 6000), headers=PNG).json()["detail"]
+    side = int(detail.rsplit("(e.g. ", 1)[1].split("x", 1)[0])
+    assert side % 64 == 0
+    return side
+
+
 def test_the_largest_size_named_in_the_413_is_served(admitting: Server) -> None:
     with admitting.client() as http:
-        detail = http.post("/compress?quality=3", content=grey_png(6000, 6000), headers=PNG).json()["detail"]
-        side = int(detail.rsplit("(e.g. ", 1)[1].split("x", 1)[0])
-        assert side % 64 == 0
-        if side >= 64:  # admitted: refused neither at once nor as too large
-            bigger = math.ceil(side * 1.5 / 64) * 64
-            assert (
-                http.post("/compress?quality=3", content=grey_png(bigger, bigger), headers=PNG).status_code
-                == 413
-            )
-            fitting = max(64, side // 2 // 64 * 64)  # half the side: a quarter of the time
-            response = http.post("/compress?quality=3", content=grey_png(fitting, fitting), headers=PNG)
-            assert response.status_code == 200, response.text
+        side = largest_side_named(http)
+        if side < 64:
+            return  # nothing is admitted on this machine
+        # The first large image also pays for the memory the server has not touched yet, which
+        # on our VMs can cost several times the computation (the hypervisor backs each fresh
+        # page on first touch): one warm-up image of the size tried, whose time also teaches the
+        # cost model, then the size named now.
+        warmup = http.post("/compress?quality=3", content=grey_png(side // 2, side // 2), headers=PNG)
+        assert warmup.status_code in (200, 503), warmup.text
+        side = largest_side_named(http)
+        bigger = math.ceil(side * 1.5 / 64) * 64
+        refused = http.post("/compress?quality=3", content=grey_png(bigger, bigger), headers=PNG)
+        assert refused.status_code == 413, refused.text
+        fitting = max(64, side // 2 // 64 * 64)  # half the side: a quarter of the time
+        response = http.post("/compress?quality=3", content=grey_png(fitting, fitting), headers=PNG)
+        assert response.status_code == 200, response.text
 
 
 def test_a_job_that_cannot_finish_behind_the_queue_is_503_at_once_with_retry_after(admitting: Server) -> None:
@@ -149,6 +165,7 @@ def test_a_job_that_cannot_finish_behind_the_queue_is_503_at_once_with_retry_aft
     per_megapixel_s = compress_cost_s(admitting, 1_000_000) - compress_cost_s(admitting, 0)
     side = max(64, int(math.sqrt(0.6 * ADMISSION_TIMEOUT_S / per_megapixel_s * 1e6)) // 64 * 64)
     body = grey_png(side, side)
+    abandoned = compress_abandoned(admitting)
     thread, first = compress_running(admitting, body)
     with admitting.client() as http:
         second, elapsed = timed_post(http, body)
@@ -158,6 +175,11 @@ def test_a_job_that_cannot_finish_behind_the_queue_is_503_at_once_with_retry_aft
     assert elapsed < ADMISSION_TIMEOUT_S / 2  # at once
     assert 1 <= int(second.headers["retry-after"]) <= math.ceil(ADMISSION_TIMEOUT_S)
     assert first["response"].status_code in (200, 503)  # 503 only if this machine slowed down meanwhile
+    if first["response"].status_code == 503:  # the worker stops at its next checkpoint: leave it idle
+        deadline = time.monotonic() + 60
+        while compress_abandoned(admitting) == abandoned:
+            assert time.monotonic() < deadline, "the late job was never abandoned"
+            time.sleep(0.05)
 
 
 def test_six_simultaneous_requests_on_an_idle_server_with_a_queue_of_4_all_succeed(admitting: Server) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from model.malloc import MALLOC_THRESHOLD
 from service.cli import add_serve_arguments, run_serve, settings_from_args
 from service.settings import Settings
 
@@ -88,12 +87,6 @@ def test_every_setting_has_a_flag_and_flags_beat_the_environment(monkeypatch: py
     help_text = add_serve_arguments(argparse.ArgumentParser()).format_help()
     for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in help_text
-
-
-def test_malloc_thresholds_are_exported_for_child_processes() -> None:
-    for variable in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        assert int(os.environ[variable]) > 0
-    assert MALLOC_THRESHOLD == 4294967296
 
 
 def test_entropy_thread_default_matches_the_codec() -> None:
