@@ -213,14 +213,20 @@ class Engine:
         """Build the codec the settings ask for (a codec set for a weight set of per-quality networks)."""
         from model.codec import Codec
         from model.codecset import load_codec
+        from model.stages import resolve_precision
 
         device = resolve_device(self.settings.device)
+        backend = self.settings.backend
+        precisions = {
+            name: resolve_precision(getattr(self.settings, name), device, backend)
+            for name in ("synthesis_precision", "analysis_precision")
+        }
+        logger.info("g_s in %(synthesis_precision)s, g_a in %(analysis_precision)s", precisions)
         options: dict[str, Any] = {
             "device": device,
-            "backend": self.settings.backend,
+            "backend": backend,
             "entropy_threads": self.settings.entropy_threads,
-            "synthesis_precision": self.settings.synthesis_precision,
-            "analysis_precision": self.settings.analysis_precision,
+            **precisions,
             "stream_version": self.settings.stream_version,
         }
         if self.settings.random_weights:

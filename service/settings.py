@@ -140,18 +140,19 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the worker; unset = torch's default."
     )
-    synthesis_precision: Literal["float32", "bfloat16"] = Field(
-        "float32",
+    synthesis_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
         description="Precision of the synthesis transform g_s (decoding only): bfloat16 is faster on "
         "CPUs with AVX512-BF16 or AMX (about 0.7x g_s's time on an AMD EPYC) and changes decoded pixels "
         "slightly (PSNR within 0.02 dB on Kodak), never the bitstreams; needs backend torch or "
-        "torchscript.",
+        "torchscript. auto: bfloat16 on such a CPU with backend torch or torchscript, else float32.",
     )
-    analysis_precision: Literal["float32", "bfloat16"] = Field(
-        "float32",
+    analysis_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
         description="Precision of the analysis transform g_a (encoding only): bfloat16 is faster on "
         "CPUs with AVX512-BF16 and changes the latents this service sends (valid streams for every "
-        "decoder; rate and PSNR in BENCHMARKS.md); needs backend torch or torchscript.",
+        "decoder; rate and PSNR in BENCHMARKS.md); needs backend torch or torchscript. auto: "
+        "bfloat16 on such a CPU with backend torch or torchscript, else float32.",
     )
     stream_version: int = Field(
         2,
@@ -252,7 +253,7 @@ class Settings(BaseSettings):
     def _check_precision(self) -> Settings:
         """bfloat16 g_s and g_a run in torch (eager or scripted), not in ONNX Runtime."""
         for name in ("synthesis_precision", "analysis_precision"):
-            if getattr(self, name) != "float32" and self.backend == "onnxruntime":
+            if getattr(self, name) == "bfloat16" and self.backend == "onnxruntime":
                 raise ValueError(f"{name} {getattr(self, name)} needs backend torch or torchscript")
         return self
 

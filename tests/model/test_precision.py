@@ -4,6 +4,8 @@ the float32 path; g_a's streams decode everywhere and keep rate and PSNR."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,14 @@ from PIL import Image
 
 from model.codec import Codec
 from model.paths import KODAK_DIR
-from model.stages import BFloat16Gained, stage_modules
+from model.stages import (
+    AUTO_PRECISION,
+    PRECISIONS,
+    BFloat16Gained,
+    native_bfloat16,
+    resolve_precision,
+    stage_modules,
+)
 
 CROPS = [("kodim01.png", 0, 0), ("kodim15.png", 128, 256), ("kodim23.png", 192, 320)]
 
@@ -91,3 +100,37 @@ def test_the_reduced_precision_stage_holds_bfloat16_weights_and_a_float32_image_
         stage_modules(codec.net, "float16")
     with pytest.raises(ValueError, match="analysis precision bfloat16 needs backend torch or torchscript"):
         Codec(codec.net, backend="onnxruntime", analysis_precision="bfloat16")
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "device", "backend", "expected"),
+    [
+        ("avx512_bf16 avx512_vnni", "cpu", "torch", "bfloat16"),
+        ("amx_bf16 amx_tile", "cpu", "torchscript", "bfloat16"),
+        ("avx512_bf16", "cpu", "onnxruntime", "float32"),  # ONNX Runtime runs the float32 graph
+        ("avx512_bf16", "cuda", "torch", "float32"),
+        ("avx512_vnni", "cpu", "torch", "float32"),  # bfloat16 would be emulated: slower
+    ],
+)
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(
+    tmp_path: Path, extra: str, device: str, backend: str, expected: str
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(extra=extra))
+    assert resolve_precision(AUTO_PRECISION, device, backend, cpuinfo) == expected
+    for fixed in PRECISIONS:  # a precision that is set is kept
+        assert resolve_precision(fixed, device, backend, cpuinfo) == fixed
+    assert not native_bfloat16(tmp_path / "missing")
+
+
+def test_the_service_default_resolves_by_this_cpu() -> None:
+    from service.settings import Settings
+
+    settings = Settings(backend="torch")
+    assert settings.synthesis_precision == settings.analysis_precision == AUTO_PRECISION
+    expected = "bfloat16" if native_bfloat16() else "float32"
+    assert resolve_precision(settings.synthesis_precision, "cpu", settings.backend) == expected
+    assert Settings(backend="onnxruntime").analysis_precision == AUTO_PRECISION  # allowed: float32 there

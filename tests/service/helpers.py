@@ -119,6 +119,9 @@ def start_server(log_dir: Path, **settings: Any) -> Server:
         "backend": TEST_BACKEND,
         "log_level": "info",
         "torch_threads": 1,  # two cores shared with other work: more threads only contend
+        # the reference codec's precision, whatever this CPU would choose (auto)
+        "synthesis_precision": "float32",
+        "analysis_precision": "float32",
         **settings,
     }
     env.update({f"LALIC_{name.upper()}": str(value) for name, value in values.items()})
