@@ -83,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Portability, {meta['streams']} streams ({len(images)} Kodak images x q {args.qualities}), "
         f"encoded with eager torch; {meta.get('cpu', '?')}, {meta['date']}",
-        "",
-        head + " |",
-        "|---" * (len(args.versions) + 1) + "|",
     ]
+    if rows:
+        lines += ["", head + " |", "|---" * (len(args.versions) + 1) + "|"]
     for name, by_version in rows.items():
         cells = [
             f"{r['same']} / {r['refused']} / {r['different']}" for r in (by_version[v] for v in args.versions)

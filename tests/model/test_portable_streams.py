@@ -87,3 +87,16 @@ def test_the_kernels_a_gpu_runs_decode_the_corpus_to_the_same_latents(shipped: C
     for name in ("kodim04-q1.lalic", "kodim23-q6.lalic"):
         y_hat, _ = shipped.decode_latents((CORPUS_DIR / name).read_bytes())
         assert latent_digest(y_hat) == expected[name]
+
+
+def test_the_portability_benchmark_counts_each_encoders_identical_streams(tmp_path: Path) -> None:
+    """bench/portability.py's encoder table: TorchScript writes eager torch's bytes (the same kernels)."""
+    from tests.model.bench_scripts import load_bench_script
+
+    bench = load_bench_script("portability")
+    argv = ["--images", "1", "--qualities", "3", "--versions", "2", "--skip-decoders"]
+    assert bench.main([*argv, "--encoders", "torchscript", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "portability.json").read_text())
+    assert report["rows"] == {}
+    assert report["encoders"] == {"torchscript": {"2": {"same_bytes": 1, "same_latents": 1}}}
+    assert "| torchscript | 1 / 1 |" in (tmp_path / "portability.md").read_text()
