@@ -53,6 +53,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,33 @@ def _timed(fn, runs: int) -> tuple[list[float], object]:
         out = fn()
         times.append(time.perf_counter() - start)
     return times, out
+
+
+def alternate(
+    calls: dict[str, Callable[[dict[str, float]], object]], runs: int, desc: str = "timing"
+) -> dict[str, list[dict]]:
+    """Call each of ``calls`` (it fills the codec's ``timings`` dict) ``runs`` times, the calls
+    alternating so that all of them see the same machine, after one warm-up each: by name, the
+    timings of every call with its whole duration under ``"total"`` (seconds). ``desc`` labels
+    the progress bar."""
+    from tqdm import tqdm
+
+    for call in calls.values():
+        call({})
+    samples: dict[str, list[dict]] = {name: [] for name in calls}
+    for _ in tqdm(range(runs), desc=desc, leave=False):
+        for name, call in calls.items():
+            timings: dict[str, float] = {}
+            started = time.perf_counter()
+            call(timings)
+            timings["total"] = time.perf_counter() - started
+            samples[name].append(timings)
+    return samples
+
+
+def median_ms(samples: list[dict], key: str) -> float:
+    """The median of one timing of :func:`alternate`'s samples, in milliseconds."""
+    return statistics.median(s[key] for s in samples) * 1e3
 
 
 MODIFIERS = {

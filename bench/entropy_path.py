@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +30,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(1, str(ROOT))
-from codec import machine, test_image  # noqa: E402
-from precision import psnr  # noqa: E402
+from codec import alternate, machine, median_ms, test_image  # noqa: E402
 
 from model.bdrate import bd_rate  # noqa: E402
-from model.metrics import bits_per_pixel  # noqa: E402
+from model.metrics import bits_per_pixel, psnr  # noqa: E402
 from model.paths import KODAK_DIR  # noqa: E402
 
 STAGES = ("entropy_parameters", "entropy_coding", "synthesis")
@@ -83,29 +81,25 @@ def main(argv: list[str] | None = None) -> int:
 
     image = test_image(768, 512)
     streams = {v: codecs[v].compress(image, 3.0) for v in (1, 2)}
-    samples: dict[str, dict[int, list[dict[str, float]]]] = {
-        "decode": {1: [], 2: []},
-        "encode": {1: [], 2: []},
+    samples = {
+        "decode": alternate(
+            {f"v{v}": lambda t, v=v: codecs[v].decompress_batch([streams[v]], timings=t) for v in (1, 2)},
+            args.runs,
+            "decode",
+        ),
+        "encode": alternate(
+            {f"v{v}": lambda t, v=v: codecs[v].compress_batch([image], 3.0, timings=t) for v in (1, 2)},
+            args.runs,
+            "encode",
+        ),
     }
-    calls = {
-        "decode": lambda v, t: codecs[v].decompress_batch([streams[v]], timings=t),
-        "encode": lambda v, t: codecs[v].compress_batch([image], 3.0, timings=t),
+    timing = {
+        what: {v: median_ms(runs, "total") for v, runs in by_version.items()}
+        for what, by_version in samples.items()
     }
-    for what, call in calls.items():
-        for v in (1, 2):
-            call(v, {})  # warm-up
-        for _ in tqdm(range(args.runs), desc=what, leave=False):
-            for v in (1, 2):  # alternating: both see the same machine
-                t: dict[str, float] = {}
-                started = time.perf_counter()
-                call(v, t)
-                t["total"] = time.perf_counter() - started
-                samples[what][v].append(t)
-    median = lambda rows, key: statistics.median(r[key] for r in rows) * 1e3  # noqa: E731
-    timing = {what: {f"v{v}": median(samples[what][v], "total") for v in (1, 2)} for what in calls}
-    split = {f"v{v}": {s: median(samples["decode"][v], s) for s in STAGES} for v in (1, 2)}
-    for v in (1, 2):
-        split[f"v{v}"]["encode_entropy_parameters"] = median(samples["encode"][v], "entropy_parameters")
+    split = {v: {s: median_ms(runs, s) for s in STAGES} for v, runs in samples["decode"].items()}
+    for v, runs in samples["encode"].items():
+        split[v]["encode_entropy_parameters"] = median_ms(runs, "entropy_parameters")
 
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"),

@@ -23,8 +23,6 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +31,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(1, str(ROOT))
-from codec import machine, test_image  # noqa: E402
+from codec import alternate, machine, median_ms, test_image  # noqa: E402
 
+from model.metrics import psnr  # noqa: E402
 from model.paths import KODAK_DIR  # noqa: E402
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
-
-
-def alternate(
-    calls: dict[str, Callable[[dict[str, float]], object]], runs: int, stage: str
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Time each call (it fills the codec's timings dict) ``runs`` times, the calls alternating,
-    after one warm-up each: the seconds of every call, and of its ``stage`` timing, by name."""
-    for call in calls.values():
-        call({})
-    totals: dict[str, list[float]] = {name: [] for name in calls}
-    stages: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            timings: dict[str, float] = {}
-            started = time.perf_counter()
-            call(timings)
-            totals[name].append(time.perf_counter() - started)
-            stages[name].append(timings[stage])
-    return totals, stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,29 +86,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     image = test_image(768, 512)
     stream = codecs["float32"].compress(image, 3.0)
-    times, synthesis = alternate(
-        {p: lambda timings, c=c: c.decompress_batch([stream], timings) for p, c in codecs.items()},
-        args.runs,
-        "synthesis",
+    decodes = alternate(
+        {p: lambda timings, c=c: c.decompress_batch([stream], timings) for p, c in codecs.items()}, args.runs
     )
     timing = {
-        p: {
-            "decode_ms": statistics.median(times[p]) * 1e3,
-            "synthesis_ms": statistics.median(synthesis[p]) * 1e3,
-        }
+        p: {"decode_ms": median_ms(decodes[p], "total"), "synthesis_ms": median_ms(decodes[p], "synthesis")}
         for p in codecs
     }
     encoders = {"float32": codecs["float32"], "bfloat16": encoder}
-    encode_times, analysis = alternate(
+    encodes = alternate(
         {p: lambda timings, c=c: c.compress_batch([image], 3.0, timings) for p, c in encoders.items()},
         args.runs,
-        "analysis",
     )
     encode_timing = {
-        p: {
-            "encode_ms": statistics.median(encode_times[p]) * 1e3,
-            "analysis_ms": statistics.median(analysis[p]) * 1e3,
-        }
+        p: {"encode_ms": median_ms(encodes[p], "total"), "analysis_ms": median_ms(encodes[p], "analysis")}
         for p in encoders
     }
     meta = {
@@ -195,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
             "timing": timing,
             "encode_timing": encode_timing,
-            "times": times,
-            "synthesis": synthesis,
-            "encode_times": encode_times,
-            "analysis": analysis,
+            "times": {p: [s["total"] for s in runs] for p, runs in decodes.items()},
+            "synthesis": {p: [s["synthesis"] for s in runs] for p, runs in decodes.items()},
+            "encode_times": {p: [s["total"] for s in runs] for p, runs in encodes.items()},
+            "analysis": {p: [s["analysis"] for s in runs] for p, runs in encodes.items()},
         }
         (args.out / "precision.json").write_text(json.dumps(raw, indent=1) + "\n")
     return 0
