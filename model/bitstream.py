@@ -304,8 +304,7 @@ def _parse_header(data: Any, max_pixels: int, max_streams: int) -> tuple[Header,
     if len(buf) < _PREFIX.size:
         raise BitstreamError("truncated header")
     _, version, flags, id_len = _PREFIX.unpack_from(buf, 0)
-    if version not in READ_VERSIONS:
-        raise BitstreamError(f"unsupported format version {version} (this decoder reads {READ_VERSIONS})")
+    _check_version(version)
     if flags & ~_ORIENTATION_BITS:
         raise BitstreamError(f"unsupported flags 0x{flags:02x} (only bits 0-1, the orientation, are defined)")
     if not 1 <= id_len <= MAX_MODEL_ID:

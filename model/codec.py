@@ -468,13 +468,12 @@ class Codec:
         """h_s and the RWKV-SCCTX coding loop for one image, in the arithmetic of container
         ``version`` (2: :mod:`model.exact`; 1: the backend's float32 networks), with the pinned
         thread count; ``indexes`` maps predicted scales to table indexes (default: the Gaussian's)."""
-        index_fn = indexes or self.net.gaussian.indexes
+        nets = self._stages if version == FLOAT_PATH_VERSION else self._exact
         with torch_threads(self.entropy_threads):
-            if version == FLOAT_PATH_VERSION:
-                hyper = self._stages.hyper_synthesis(z_hat)
-                return self.net.context.code(hyper, index_fn, y=y, decode=decode, nets=self._stages)
-            hyper = self._exact.hyper_synthesis(z_hat)
-            return self.net.context.code(hyper, index_fn, y=y, decode=decode, nets=self._exact)
+            hyper = nets.hyper_synthesis(z_hat)
+            return self.net.context.code(
+                hyper, indexes or self.net.gaussian.indexes, y=y, decode=decode, nets=nets
+            )
 
     @torch.inference_mode()
     def encoder_latents(self, image: np.ndarray, quality: float) -> dict:

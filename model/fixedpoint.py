@@ -262,6 +262,14 @@ class ExactProduct:
         return inner.to(torch.float32)
 
 
+def scale_and_bias(acc: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``acc * scale + bias`` over the last dim, ``acc`` in place: ``scale`` holds powers of two, so
+    the product is exact and only the addition rounds (fused into an FMA or not, the same bits)."""
+    if bias is None:
+        return acc.mul_(scale)
+    return torch.addcmul(bias, acc, scale)
+
+
 class ExactLinear:
     """``y = x W^T + b`` over the last dim: one exact product (rule 1), then scaling and the bias."""
 
@@ -282,10 +290,7 @@ class ExactLinear:
     def __call__(self, x: Tensor, use_int8: bool | None = None) -> Tensor:
         q, shift = block_quantize(x, MANTISSA_BITS, -1)
         acc = self.product(int8_digit_rows(q.reshape(-1, q.shape[-1])), use_int8)
-        acc = acc.view(*q.shape[:-1], -1).mul_(pow2(7 - shift))
-        if self.bias is None:
-            return acc.mul_(self.scale)
-        return torch.addcmul(self.bias, acc, self.scale)  # acc * scale is exact: fused or not, the same
+        return scale_and_bias(acc.view(*q.shape[:-1], -1).mul_(pow2(7 - shift)), self.scale, self.bias)
 
 
 def gather_taps(x: Tensor, taps: list[tuple[int, int]], pad: int) -> Tensor:
@@ -360,13 +365,10 @@ class ExactConv2d:
         if self.groups != 1:  # the two digits as float32 maps
             hi, lo = _digit_values(q)
             acc = self._depthwise(hi, native).mul_(128.0).add_(self._depthwise(lo, native))
-            acc = acc.mul_(pow2(-shift).view(b, 1, 1, 1))
-            return acc.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, acc, self.scale)
+            return scale_and_bias(acc.mul_(pow2(-shift).view(b, 1, 1, 1)), self.scale, self.bias)
         cols = torch.cat([gather_taps(d, self.taps, self.padding) for d in int8_digits(q)], dim=1)
         acc = self.product(cols, use_int8=native).view(b, h, w, -1).mul_(pow2(7 - shift).view(b, 1, 1, 1))
-        if self.bias is None:
-            return acc.mul_(self.scale)
-        return torch.addcmul(self.bias, acc, self.scale)
+        return scale_and_bias(acc, self.scale, self.bias)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -483,6 +485,7 @@ __all__ = [
     "pow2_double",
     "quantize_weight",
     "round_div",
+    "scale_and_bias",
     "sigmoid",
     "to_exp_units",
     "to_fixed_units",

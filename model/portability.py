@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.cpuinfo import cpuinfo_field
 from model.paths import REPO_ROOT
 
 STREAM_SUFFIX = ".lalic"
@@ -155,13 +156,7 @@ def _cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or the architecture where that is not readable."""
     import platform
 
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    return cpuinfo_field("model name") or platform.machine()
 
 
 def write_corpus(folder: Path = CORPUS_DIR) -> dict:

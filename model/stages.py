@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from model.context import ParameterNet
+from model.cpuinfo import CPUINFO, cpuinfo_field
 from model.lalic import LALIC, interpolated_gain
 from model.layers import SpatialMix
 
@@ -46,21 +47,13 @@ NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
 it, slower than float32."""
 
 
-def native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def native_bfloat16(cpuinfo: Path = CPUINFO) -> bool:
     """Whether this CPU computes bfloat16 natively (:data:`NATIVE_BFLOAT16_FLAGS`; False if unknown)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool(set(line.split(":", 1)[1].split()) & set(NATIVE_BFLOAT16_FLAGS))
-    return False
+    flags = cpuinfo_field("flags", cpuinfo) or ""
+    return bool(set(flags.split()) & set(NATIVE_BFLOAT16_FLAGS))
 
 
-def resolve_precision(
-    precision: str, device: str, backend: str, cpuinfo: Path = Path("/proc/cpuinfo")
-) -> str:
+def resolve_precision(precision: str, device: str, backend: str, cpuinfo: Path = CPUINFO) -> str:
     """The precision a stage runs in: ``precision`` itself, or for :data:`AUTO_PRECISION` bfloat16 on a
     CPU with native bfloat16 under the torch or torchscript backend (measured: g_s 0.71x and g_a 0.73x
     their float32 time, Kodak PSNR within 0.01 dB; BENCHMARKS.md), float32 anywhere else."""

@@ -61,7 +61,7 @@ def test_fresh_streams_decode_identically_under_every_runtime(shipped: Codec, tm
     for name, result in results.items():
         summary = result["summary"]
         assert summary["same"] == sorted(reference), f"{name}: {summary}"
-    batch = next(r["report"] for n, r in results.items() if n == "torch, batch 8")
+    batch = results["torch, batch 8"]["report"]
     assert all(entry["pixels"] == entry["pixels_batch"] for entry in batch.values())
 
 
