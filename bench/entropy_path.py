@@ -9,8 +9,9 @@ Rate-distortion: every Kodak image is compressed at every quality by a version-1
 encoder (the same g_a and g_s: only the entropy parameters differ) and decoded; real bitstream
 sizes and PSNR give the Kodak-average curves, the BD-rate of version 2 against version 1 (PCHIP
 and cubic) and the per-quality changes. Speed: kodim23 (768x512) at quality 3 is decoded
-``--runs`` times by each, alternating, and the medians of the decode and of its stages (entropy
-parameters, range decoding, g_s) are reported, then the same for encoding. ``--qualities``
+``--runs`` times by each, and by version 2 on the PyTorch reference of its C kernels,
+alternating, and the medians of the decode and of its stages (entropy parameters, range
+decoding, g_s) are reported, then the same for encoding. ``--qualities``
 with no value skips the rate-distortion part.
 Results: ``--out``/``entropy_path.{json,md}``.
 """
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
+    from model import fixedpoint
     from model.codec import Codec
 
     torch.set_num_threads(args.threads)
@@ -81,17 +83,20 @@ def main(argv: list[str] | None = None) -> int:
 
     image = test_image(768, 512)
     streams = {v: codecs[v].compress(image, 3.0) for v in (1, 2)}
+
+    def reference(call):  # version 2 on the PyTorch reference of the C kernels (the same bits)
+        def run(t):
+            with fixedpoint.reference_kernels():
+                return call(t)
+
+        return run
+
+    decoders = {f"v{v}": lambda t, v=v: codecs[v].decompress_batch([streams[v]], timings=t) for v in (1, 2)}
+    encoders = {f"v{v}": lambda t, v=v: codecs[v].compress_batch([image], 3.0, timings=t) for v in (1, 2)}
+    decoders["v2ref"], encoders["v2ref"] = reference(decoders["v2"]), reference(encoders["v2"])
     samples = {
-        "decode": alternate(
-            {f"v{v}": lambda t, v=v: codecs[v].decompress_batch([streams[v]], timings=t) for v in (1, 2)},
-            args.runs,
-            "decode",
-        ),
-        "encode": alternate(
-            {f"v{v}": lambda t, v=v: codecs[v].compress_batch([image], 3.0, timings=t) for v in (1, 2)},
-            args.runs,
-            "encode",
-        ),
+        "decode": alternate(decoders, args.runs, "decode"),
+        "encode": alternate(encoders, args.runs, "encode"),
     }
     timing = {
         what: {v: median_ms(runs, "total") for v, runs in by_version.items()}
@@ -131,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         "| | decode | entropy parameters | range decoding | g_s | encode | its entropy parameters |",
         "|---|---|---|---|---|---|---|",
     ]
-    for v in (1, 2):
-        s = split[f"v{v}"]
+    names = {"v1": "version 1", "v2": "version 2 (C kernels)", "v2ref": "version 2 (PyTorch reference)"}
+    for v, name in names.items():
+        s = split[v]
         lines.append(
-            f"| version {v} | {timing['decode'][f'v{v}']:.1f} | {s['entropy_parameters']:.1f} | "
-            f"{s['entropy_coding']:.1f} | {s['synthesis']:.1f} | {timing['encode'][f'v{v}']:.1f} | "
+            f"| {name} | {timing['decode'][v]:.1f} | {s['entropy_parameters']:.1f} | "
+            f"{s['entropy_coding']:.1f} | {s['synthesis']:.1f} | {timing['encode'][v]:.1f} | "
             f"{s['encode_entropy_parameters']:.1f} |"
         )
     text = "\n".join(lines) + "\n"

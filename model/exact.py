@@ -127,14 +127,11 @@ class _Block:
     def __call__(self, x: Tensor, h: int, w: int) -> Tensor:
         c = self.channels
         s = self._shifted(self.shift1, self.norm1(x), h, w)
-        k, v, r = self.kvr(s).transpose(1, 2).split(c, dim=1)  # (B, C, T) each
-        gated = fx.sigmoid(r).mul_(self.wkv(k, v))
-        x = x + self.output(gated.transpose(1, 2)).mul_(self.gamma1)
+        gated = self.wkv.gated(self.kvr(s))  # sigmoid(r) * wkv(k, v), (B, T, C)
+        x = x + self.output(gated).mul_(self.gamma1)
         s = self._shifted(self.shift2, self.norm2(x), h, w)
         hidden, receptance = self.key_receptance(s).split([self.hidden, c], dim=-1)
-        hidden = hidden.relu()
-        mixed = fx.sigmoid(receptance).mul_(self.value(hidden.mul_(hidden)))
-        return x + mixed.mul_(self.gamma2)
+        return fx.gated_residual(x, receptance, self.value(hidden, square_relu=True), self.gamma2)
 
 
 class _Stage:
@@ -203,8 +200,7 @@ class _ParameterNet:
         for proj, norm, key_receptance, value, hidden_width in self.blocks:
             x = proj(x)
             hidden, receptance = key_receptance(norm(x)).split([hidden_width, x.shape[-1]], dim=-1)
-            hidden = hidden.relu()
-            x = x + fx.sigmoid(receptance).mul_(value(hidden.mul_(hidden)))
+            x = fx.gated_residual(x, receptance, value(hidden, square_relu=True))
         scales, means = x.chunk(2, dim=-1)
         return scales, means
 

@@ -28,13 +28,20 @@ accumulation, and nonlinearities with one defined rounding. The rules:
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import hashlib
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+try:  # fused C kernels of the same arithmetic (model/_exact_kernels.c), built by `pip install`
+    from model import _exact_kernels as _native
+except ImportError:  # a checkout whose extension was not compiled: the PyTorch reference, same bits
+    _native = None
 
 MANTISSA_BITS = 14
 """Signed bits of every mantissa entering a product: ``|m| <= 8192`` splits into two signed digits
@@ -66,6 +73,61 @@ _EXP_LOW_BITS = 8  # the argument splits into a high part (a table of 2 * 48 * 2
 _EXP_LIMIT = EXP_RANGE << EXP_FRAC_BITS
 _EXP_OFFSET = EXP_RANGE << (EXP_FRAC_BITS - _EXP_LOW_BITS)
 _KEY_LIMIT = 255 << EXP_FRAC_BITS  # BiWKV keys are clamped to ±255 (differences still fit int32)
+
+
+_native_enabled = True
+
+
+def native_kernels_available() -> bool:
+    """Whether the fused C kernels (``model._exact_kernels``) were built for this installation."""
+    return _native is not None
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Run the PyTorch reference of every kernel inside the block (tests and benchmarks compare the two)."""
+    global _native_enabled
+    saved, _native_enabled = _native_enabled, False
+    try:
+        yield
+    finally:
+        _native_enabled = saved
+
+
+def _use_native(*tensors: Tensor) -> bool:
+    """The C kernels serve CPU tensors when built and not switched off (and the products are int8,
+    :func:`use_int8_products`); CUDA runs the reference."""
+    return (
+        _native is not None
+        and _native_enabled
+        and all(t.device.type == "cpu" for t in tensors)
+        and use_int8_products(tensors[0].device)
+    )
+
+
+@lru_cache(maxsize=1)
+def _native_tables() -> None:
+    """Point the C kernels at the exp and sigmoid tables once (kept alive by their caches)."""
+    high, low = _exp_tables()
+    _native.set_tables(
+        high.data_ptr(),
+        low.data_ptr(),
+        _sigmoid_table().data_ptr(),
+        _EXP_LIMIT,
+        _EXP_OFFSET,
+        _EXP_LOW_BITS,
+        SIGMOID_RANGE << SIGMOID_FRAC_BITS,
+        SIGMOID_FRAC_BITS,
+    )
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as (rows, last dim) float32 with unit stride along the last dim, as a view where one exists."""
+    try:
+        rows = x.view(-1, x.shape[-1])
+    except RuntimeError:
+        rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
 
 
 def pow2(exponent: Tensor) -> Tensor:
@@ -187,6 +249,23 @@ def sigmoid(x: Tensor) -> Tensor:
     return table.index_select(0, index.reshape(-1)).view(x.shape)
 
 
+def gated_residual(x: Tensor, gate: Tensor, value: Tensor, gamma: Tensor | None = None) -> Tensor:
+    """``x + sigmoid(gate) * value`` (times ``gamma`` per channel before the sum, if given): the
+    gated residual of the Channel Mix (Eq. 4) and of the parameter networks. Shapes (..., C)."""
+    if _use_native(x, gate, value):
+        _native_tables()
+        xs, gs, vs = x.contiguous(), _rows(gate), value.contiguous()
+        out = torch.empty_like(xs)
+        rows, cols = gs.shape
+        g = 0 if gamma is None else gamma.contiguous().data_ptr()
+        _native.sigmoid_gate(
+            gs.data_ptr(), gs.stride(0), vs.data_ptr(), g, xs.data_ptr(), rows, cols, out.data_ptr()
+        )
+        return out
+    mixed = sigmoid(gate).mul_(value)
+    return x + (mixed if gamma is None else mixed.mul_(gamma))
+
+
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Per-output-channel block floating point of a weight ``(out, ...)``: integer-valued float32
     mantissas of :data:`MANTISSA_BITS` bits and the float32 scales ``2**-s`` ``(out,)``."""
@@ -246,6 +325,11 @@ class ExactProduct:
         self.hi, self.cross = self.hi.to(device), self.cross.to(device)
         return self
 
+    def int32_parts(self, both: Tensor) -> tuple[Tensor, Tensor]:
+        """The two int32 digit products ``[hi | lo] [lo(W); hi(W)]`` and ``hi hi(W)`` (CPU)."""
+        hi = both[:, : self.hi.shape[0]]
+        return torch._int_mm(both, self.cross), torch._int_mm(hi, self.hi)
+
     def __call__(self, both: Tensor, use_int8: bool | None = None) -> Tensor:
         """The product from the int8 digits ``[hi | lo]`` (M, 2K) of the mantissas
         (:func:`int8_digit_rows`)."""
@@ -253,7 +337,8 @@ class ExactProduct:
         if use_int8 is None:
             use_int8 = use_int8_products(hi.device)
         if use_int8:
-            inner = torch._int_mm(both, self.cross).add_(torch._int_mm(hi, self.hi), alpha=128)
+            cross, high = self.int32_parts(both)
+            inner = cross.add_(high, alpha=128)
         else:
             f64 = lambda t: t.to(torch.float64)  # noqa: E731
             inner = torch.matmul(f64(both), f64(self.cross)).add_(
@@ -268,6 +353,21 @@ def scale_and_bias(acc: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     if bias is None:
         return acc.mul_(scale)
     return torch.addcmul(bias, acc, scale)
+
+
+def rescale_int32(
+    cross: Tensor, high: Tensor, shifts: Tensor, rows_per_shift: int, scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    """The C kernel of ``scale_and_bias(float32(cross + 128 high) * 2**(7 - s), scale, bias)`` for the
+    int32 parts of :meth:`ExactProduct.int32_parts` (M, N); ``s`` per ``rows_per_shift`` rows."""
+    rows, cols = cross.shape
+    out = torch.empty((rows, cols), dtype=torch.float32)
+    b = 0 if bias is None else bias.data_ptr()
+    _native.rescale(
+        cross.data_ptr(), high.data_ptr(), rows, cols, shifts.data_ptr(), rows_per_shift,
+        scale.data_ptr(), b, out.data_ptr(),
+    )  # fmt: skip
+    return out
 
 
 class ExactLinear:
@@ -287,10 +387,29 @@ class ExactLinear:
         self.bias = None if self.bias is None else self.bias.to(device)
         return self
 
-    def __call__(self, x: Tensor, use_int8: bool | None = None) -> Tensor:
+    def __call__(self, x: Tensor, use_int8: bool | None = None, square_relu: bool = False) -> Tensor:
+        """The layer on ``x`` (..., in), or on ``relu(x)**2`` with ``square_relu`` (Channel Mix, Eq. 4)."""
+        if use_int8 is not False and _use_native(x):
+            return self._native(x, square_relu)
+        if square_relu:
+            x = x.relu()
+            x = x.mul_(x)
         q, shift = block_quantize(x, MANTISSA_BITS, -1)
         acc = self.product(int8_digit_rows(q.reshape(-1, q.shape[-1])), use_int8)
         return scale_and_bias(acc.view(*q.shape[:-1], -1).mul_(pow2(7 - shift)), self.scale, self.bias)
+
+    def _native(self, x: Tensor, square_relu: bool) -> Tensor:
+        rows = _rows(x.to(torch.float32))
+        m, k = rows.shape
+        both = torch.empty((m, 2 * k), dtype=torch.int8)
+        shifts = torch.empty(m, dtype=torch.int32)
+        _native.quantize_rows(
+            rows.data_ptr(), m, k, rows.stride(0), MANTISSA_BITS, square_relu,
+            both.data_ptr(), shifts.data_ptr(),
+        )  # fmt: skip
+        return rescale_int32(*self.product.int32_parts(both), shifts, 1, self.scale, self.bias).view(
+            *x.shape[:-1], self.out_features
+        )
 
 
 def gather_taps(x: Tensor, taps: list[tuple[int, int]], pad: int) -> Tensor:
@@ -333,16 +452,20 @@ class ExactConv2d:
             rows = torch.stack([q[:, :, dy, dx] for dy, dx in self.taps], dim=1)  # (out, taps, in)
             check_fan_in(rows, where)
             self.product = ExactProduct(rows.reshape(out_ch, -1).t())
+            self._taps = torch.tensor(self.taps, dtype=torch.int32).reshape(-1)
         else:
             self.weight = q  # (C, 1, k, k) mantissas
+            self._taps_weight = q.reshape(out_ch, -1).t().contiguous()  # (k k, C) float32 mantissas
 
     def to(self, device: torch.device | str) -> ExactConv2d:
         self.scale = self.scale.to(device)
         self.bias = None if self.bias is None else self.bias.to(device)
         if self.groups == 1:
             self.product.to(device)
+            self._taps = self._taps.to(device)
         else:
             self.weight = self.weight.to(device)
+            self._taps_weight = self._taps_weight.to(device)
         return self
 
     def _depthwise(self, digits: Tensor, native: bool) -> Tensor:
@@ -356,8 +479,35 @@ class ExactConv2d:
         acc = (cols * self.weight.to(torch.float64).view(1, c, taps, 1)).sum(2).to(torch.float32)
         return acc.view(n, c, h, w).permute(0, 2, 3, 1)
 
+    def _fused(self, x: Tensor) -> Tensor:
+        """:meth:`ExactConv2d.__call__` with the C kernels: reads ``x`` channels-first or channels-last
+        as it lies in memory (the Bi-RWKV blocks pass a permuted token map)."""
+        b, c, h, w = x.shape
+        if self.groups != 1:
+            xl = x.permute(0, 2, 3, 1).contiguous()
+            out = torch.empty((b, h, w, c), dtype=torch.float32)
+            _native.depthwise(
+                xl.data_ptr(), b, h, w, c, self._taps_weight.data_ptr(), self.kernel, self.padding,
+                MANTISSA_BITS, self.scale.data_ptr(), out.data_ptr(),
+            )  # fmt: skip
+            return out if self.bias is None else out.add_(self.bias)
+        channels_last = x.permute(0, 2, 3, 1).is_contiguous()
+        if not channels_last:
+            x = x.contiguous()
+        n_taps = len(self.taps)
+        rows = torch.empty((b * h * w, 2 * n_taps * c), dtype=torch.int8)
+        shifts = torch.empty(b, dtype=torch.int32)
+        _native.conv_rows(
+            x.data_ptr(), channels_last, b, c, h, w, self._taps.data_ptr(), n_taps, self.padding,
+            MANTISSA_BITS, rows.data_ptr(), shifts.data_ptr(),
+        )  # fmt: skip
+        acc = rescale_int32(*self.product.int32_parts(rows), shifts, h * w, self.scale, self.bias)
+        return acc.view(b, h, w, -1)
+
     def __call__(self, x: Tensor, native: bool | None = None) -> Tensor:
         """The convolution of ``x`` (B, C, H, W) as a channels-last ``(B, H, W, out)`` float32 map."""
+        if native is not False and _use_native(x):
+            return self._fused(x.to(torch.float32))
         if native is None:
             native = use_int8_products(x.device)
         b, _, h, w = x.shape
@@ -383,6 +533,14 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     width = x.shape[-1]
     if width > MAX_NORM_WIDTH:
         raise ValueError(f"layer_norm: at most {MAX_NORM_WIDTH} channels, got {width}")
+    if _use_native(x):
+        xs = x.to(torch.float32).contiguous()
+        out = torch.empty_like(xs)
+        _native.layer_norm(
+            xs.data_ptr(), xs.numel() // max(width, 1), width, NORM_BITS,
+            weight.data_ptr(), bias.data_ptr(), float(eps), out.data_ptr(),
+        )  # fmt: skip
+        return out
     q, shift = block_quantize(x, NORM_BITS, -1)
     widths = torch.full(q.shape[:-1] + (1,), float(width), dtype=torch.float64, device=x.device)
     mean = torch.round(q.sum(-1, keepdim=True, dtype=torch.float64) / widths)
@@ -414,10 +572,11 @@ class BiWKV:
         self.decay = to_fixed_units(decay)  # (C,) int64
         self.boost = to_fixed_units(boost)
         self._profiles: tuple[int, tuple[Tensor, ...]] | None = None
+        self._by_token: tuple[int, tuple[Tensor, ...]] | None = None
 
     def to(self, device: torch.device | str) -> BiWKV:
         self.decay, self.boost = self.decay.to(device), self.boost.to(device)
-        self._profiles = None
+        self._profiles = self._by_token = None
         return self
 
     def profiles(self, t: int) -> tuple[Tensor, ...]:
@@ -431,6 +590,31 @@ class BiWKV:
             exps = (exp_units(inner), exp_units(-inner), exp_units(-iw[:, :-2]), exp_units(iw[:, 2:]))
             self._profiles = (t, (*exps, exp_units(own)))
         return self._profiles[1]
+
+    def _profiles_by_token(self, t: int) -> tuple[Tensor, ...]:
+        """:meth:`profiles` laid out for the C kernel: (T, C) and ``e^u`` (C,), kept for the last ``T``."""
+        if self._by_token is None or self._by_token[0] != t:
+            *rows, own = self.profiles(t)
+            self._by_token = (t, (*(p.t().contiguous() for p in rows), own.reshape(-1).contiguous()))
+        return self._by_token[1]
+
+    def gated(self, kvr: Tensor) -> Tensor:
+        """``sigmoid(r) * wkv(k, v)`` for a channels-last ``[k | v | r]`` (B, T, 3C) -> (B, T, C):
+        the Spatial Mix's receptance gate (Eq. 2) on this module's output."""
+        b, t, c3 = kvr.shape
+        c = c3 // 3
+        if _use_native(kvr):
+            _native_tables()
+            x = kvr.to(torch.float32).contiguous()
+            grow, shrink, to_left, to_right, own = self._profiles_by_token(t)
+            out = torch.empty((b, t, c), dtype=torch.float32)
+            _native.biwkv(
+                x.data_ptr(), b, t, c, grow.data_ptr(), shrink.data_ptr(), to_left.data_ptr(),
+                to_right.data_ptr(), own.data_ptr(), _KEY_LIMIT, 62 - ceil_log2(t), out.data_ptr(),
+            )  # fmt: skip
+            return out
+        k, v, r = kvr.transpose(1, 2).split(c, dim=1)  # (B, C, T) each
+        return sigmoid(r).mul_(self(k, v)).transpose(1, 2)
 
     def __call__(self, k: Tensor, v: Tensor) -> Tensor:
         """``k``, ``v``: float32 (B, C, T) -> wkv (B, C, T) float32."""
@@ -477,13 +661,17 @@ __all__ = [
     "check_fan_in",
     "exp_table_digest",
     "exp_units",
+    "gated_residual",
     "gather_taps",
     "int8_digit_rows",
     "int8_digits",
     "layer_norm",
+    "native_kernels_available",
     "pow2",
     "pow2_double",
     "quantize_weight",
+    "reference_kernels",
+    "rescale_int32",
     "round_div",
     "scale_and_bias",
     "sigmoid",

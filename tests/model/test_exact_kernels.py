@@ -1,0 +1,201 @@
+"""The fused C kernels (model/_exact_kernels.c) give the bits of model.fixedpoint's PyTorch reference.
+
+Each kernel is compared bit for bit (float32 outputs as int32 patterns) with its reference on
+inputs of many magnitudes, shapes and memory layouts, with 1 and 2 threads; a baseline x86-64 build
+of the same file (no AVX, no multiversioning) is compared with the installed one; and a stream
+coded with the kernels equals the stream coded with the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import shutil
+import subprocess
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import model.fixedpoint as fx
+from model.codec import Codec
+from model.paths import KODAK_DIR
+
+SOURCE = Path(fx.__file__).with_name("_exact_kernels.c")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def same_bits(run: Callable[[], torch.Tensor]) -> None:
+    """``run`` gives the same bits with the C kernels (1 and 2 threads) as with the reference."""
+    with fx.reference_kernels():
+        want = bits(run())
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = bits(run())
+            assert got.shape == want.shape
+            assert torch.equal(got, want), f"{int((got != want).sum())} of {want.numel()} differ"
+    finally:
+        torch.set_num_threads(before)
+
+
+def scaled(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    """Normal values, rows scaled from 2**-110 to 2**40, one row of zeros."""
+    x = torch.randn(*shape, generator=gen)
+    scales = 2.0 ** torch.linspace(-110, 40, shape[-2])
+    x = x * scales[:, None]
+    x[..., 0, :] = 0.0
+    return x
+
+
+def test_the_extension_is_built() -> None:
+    """`pip install` (make install, the Dockerfile) compiles it; without it the path is 1.4x slower."""
+    assert fx.native_kernels_available()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(bias: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    bias_values = torch.randn(40, generator=gen) if bias else None
+    layer = fx.ExactLinear(torch.randn(40, 70, generator=gen), bias_values)
+    x = scaled(gen, 3, 50, 70)
+    same_bits(lambda: layer(x))
+    wide = torch.randn(3, 50, 110, generator=gen)
+    same_bits(lambda: layer(wide[..., 20:90]))  # a strided view, as split() gives
+    same_bits(lambda: layer(wide[..., 20:90], square_relu=True))
+    same_bits(lambda: layer(x, square_relu=True))
+    same_bits(lambda: layer(-x.abs(), square_relu=True))  # all zero after the ReLU
+
+
+@pytest.mark.parametrize("kernel,pad,taps", [(3, 1, None), (5, 2, "checkerboard"), (4, 2, None)])
+def test_dense_convolution(kernel: int, pad: int, taps: str | None) -> None:
+    gen = torch.Generator().manual_seed(kernel)
+    weight = torch.randn(24, 10, kernel, kernel, generator=gen)
+    if taps:
+        weight[:, :, ::2, ::2] = 0  # the checkerboard context's 12 live taps of 25
+    conv = fx.ExactConv2d(weight, torch.randn(24, generator=gen), pad)
+    image = torch.randn(3, 10, 7, 9, generator=gen) * torch.tensor([1e-30, 1.0, 1e20])[:, None, None, None]
+    same_bits(lambda: conv(image))
+    channels_last = image.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    same_bits(lambda: conv(channels_last))
+    same_bits(lambda: conv(torch.zeros(1, 10, 3, 4)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_depthwise_convolution(bias: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    bias_values = torch.randn(96, generator=gen) if bias else None
+    conv = fx.ExactConv2d(torch.randn(96, 1, 5, 5, generator=gen), bias_values, 2, groups=96)
+    tokens = torch.randn(2, 13 * 17, 96, generator=gen) * torch.tensor([3e-3, 7e4])[:, None, None]
+    as_map = tokens.view(2, 13, 17, 96).permute(0, 3, 1, 2)  # how a Bi-RWKV block passes it
+    same_bits(lambda: conv(as_map))
+    same_bits(lambda: conv(as_map.contiguous()))
+    same_bits(lambda: conv(as_map[:, :, :1, :2]))
+
+
+def test_layer_norm() -> None:
+    gen = torch.Generator().manual_seed(6)
+    w, b = torch.randn(160, generator=gen), torch.randn(160, generator=gen)
+    x = scaled(gen, 2, 40, 160)
+    same_bits(lambda: fx.layer_norm(x, w, b, 1e-5))
+    same_bits(lambda: fx.layer_norm(x * 1e-30, w, b, 1e-6))
+
+
+@pytest.mark.parametrize("gamma", [True, False])
+def test_gated_residual(gamma: bool) -> None:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 300, 48, generator=gen)
+    both = torch.randn(2, 300, 144, generator=gen) * 8
+    g = torch.randn(48, generator=gen) if gamma else None
+    value = torch.randn(2, 300, 48, generator=gen)
+    same_bits(lambda: fx.gated_residual(x, both[..., 96:], value, g))  # the receptance of a split
+    edges = torch.tensor([float("inf"), -float("inf"), 16.0, -16.0, 1e30, 0.5 / 1024, 1.5 / 1024])
+    same_bits(lambda: fx.gated_residual(torch.zeros(7), edges, torch.ones(7)))
+
+
+@pytest.mark.parametrize("t", [1, 2, 31, 1536])
+def test_biwkv_gated(t: int) -> None:
+    gen = torch.Generator().manual_seed(t)
+    c = 40  # not a multiple of the 16-channel blocks
+    wkv = fx.BiWKV(torch.linspace(-6, 6, c), torch.randn(c, generator=gen) * 3)
+    kvr = torch.randn(2, t, 3 * c, generator=gen) * torch.tensor([0.5, 40.0])[:, None, None]
+    kvr[1, :, :c] *= 20  # keys beyond the clamp at 255
+    same_bits(lambda: wkv.gated(kvr))
+
+
+def test_nan_inputs_do_not_crash() -> None:
+    """NaN cannot come out of the path (inputs are range-checked latents), but the kernels index
+    their tables with clamped values whatever they get."""
+    wkv = fx.BiWKV(torch.zeros(8), torch.zeros(8))
+    kvr = torch.full((1, 5, 24), float("nan"))
+    assert wkv.gated(kvr).shape == (1, 5, 8)
+    assert fx.gated_residual(torch.zeros(3), torch.full((3,), float("nan")), torch.ones(3)).shape == (3,)
+
+
+def _baseline_build(tmp: Path) -> object:
+    """The same C file built for baseline x86-64 (SSE2, no clones, no OpenMP), beside the installed one."""
+    include = sysconfig.get_paths()["include"]
+    target = tmp / ("_exact_kernels" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    flags = ["-O2", "-march=x86-64", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+    defines = ["-DLALIC_NO_CLONES", "-Wno-unknown-pragmas", f"-I{include}"]
+    subprocess.run(["gcc", *flags, *defines, str(SOURCE), "-o", str(target)], check=True)
+    spec = importlib.util.spec_from_file_location("_exact_kernels", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_a_baseline_x86_64_build_gives_the_same_bits(tmp_path: Path, monkeypatch) -> None:
+    """What a CPU without AVX2 or AVX-512 runs (the clones are picked by CPU) equals this CPU's."""
+    gen = torch.Generator().manual_seed(8)
+    linear = fx.ExactLinear(torch.randn(64, 96, generator=gen), torch.randn(64, generator=gen))
+    depthwise = fx.ExactConv2d(torch.randn(96, 1, 5, 5, generator=gen), None, 2, groups=96)
+    dense = fx.ExactConv2d(torch.randn(32, 96, 3, 3, generator=gen), torch.randn(32, generator=gen), 1)
+    wkv = fx.BiWKV(torch.linspace(-6, 6, 96), torch.randn(96, generator=gen))
+    x = torch.randn(1, 12 * 16, 96, generator=gen) * 5
+    w, b = torch.randn(96, generator=gen), torch.randn(96, generator=gen)
+
+    def outputs() -> list[torch.Tensor]:
+        as_map = x.view(1, 12, 16, 96).permute(0, 3, 1, 2)
+        kvr = torch.cat([x, x * 0.5, -x], dim=-1)
+        return [
+            linear(x),
+            linear(x, square_relu=True),
+            depthwise(as_map),
+            dense(as_map),
+            wkv.gated(kvr),
+            fx.layer_norm(x, w, b, 1e-5),
+            fx.gated_residual(x, x * 3, x, w),
+        ]
+
+    installed = outputs()
+    monkeypatch.setattr(fx, "_native", _baseline_build(tmp_path))
+    fx._native_tables.cache_clear()
+    try:
+        baseline = outputs()
+    finally:
+        fx._native_tables.cache_clear()
+    for a, b2 in zip(installed, baseline, strict=True):
+        assert torch.equal(bits(a), bits(b2))
+
+
+def test_a_stream_is_the_same_with_the_kernels_and_with_the_reference() -> None:
+    """Whole images: the version-2 stream and its decoded latents do not depend on the kernels."""
+    from PIL import Image
+
+    codec = Codec.from_pretrained(stream_version=2)
+    image = np.asarray(Image.open(KODAK_DIR / "kodim07.png").convert("RGB"))[:192, :256]
+    data = codec.compress(image, 2.5)
+    y_hat, _ = codec.decode_latents(data)
+    with fx.reference_kernels():
+        assert codec.compress(image, 2.5) == data
+        reference_y, _ = codec.decode_latents(data)
+    assert torch.equal(y_hat, reference_y)
