@@ -12,11 +12,12 @@ stream counts as decoded when its entropy-decoded latents hash like the encoder'
 was refused (``BitstreamError``, the symbol checksum) or, which must never happen, decoded to
 other latents.
 
-The second table is about encoders: the same images coded in this process by each backend of
-``--encoders`` (default torchscript and onnxruntime), counting the streams byte-identical to eager
-torch's, and the streams whose latents (as the backend decodes them) hash like eager torch's. g_a
-and h_a run in the backend's float32 arithmetic, so a backend that rounds differently can move a
-latent across a rounding boundary; such a stream is still valid everywhere, only not the same bytes.
+The second table is about encoders: the same images coded by each runtime of ``--encoders`` (the
+decoder table's runtimes but the batch, each in its own process), counting the streams
+byte-identical to eager torch's (2 threads) and those whose latents hash like eager torch's, for
+g_a and h_a in float32 and in the reproducible arithmetic (``--analysis-precisions float32 exact``).
+In float32 a runtime that rounds differently can move a latent across a rounding boundary (a valid
+stream everywhere, only not the same bytes); ``exact`` is meant to write the same bytes everywhere.
 Results: ``--out``/``portability.{json,md}``.
 """
 
@@ -36,8 +37,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(1, str(ROOT))
 from codec import machine  # noqa: E402
 
+from model.bitstream import FLOAT_PATH_VERSION  # noqa: E402
 from model.paths import KODAK_DIR  # noqa: E402
-from model.portability import DECODERS, compare, encode_streams, run_decoder  # noqa: E402
+from model.portability import DECODERS, ENCODERS, compare, encode_streams, run_decoder, run_encoder  # noqa: E402
+
+REFERENCE = next(e for e in ENCODERS if e.name == "torch, 2 threads")
+"""The encoder every other runtime's streams are compared with."""
+
+
+def column_name(version: int, precision: str) -> str:
+    return f"version {version}, g_a {precision}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qualities", type=float, nargs="+", default=[1.0, 3.0, 6.0])
     parser.add_argument("--versions", type=int, nargs="+", default=[1, 2], help="container versions (1 2)")
     parser.add_argument(
-        "--encoders", nargs="*", default=["torchscript", "onnxruntime"], help="backends compared as encoders"
+        "--encoders",
+        nargs="*",
+        default=[e.name for e in ENCODERS],
+        help="runtimes compared as encoders, by name (default: the decoder table's but the batch)",
+    )
+    parser.add_argument(
+        "--analysis-precisions",
+        nargs="+",
+        default=["float32", "exact"],
+        help="g_a/h_a precisions of the encoder table (exact: version 2 only)",
     )
     parser.add_argument("--skip-decoders", action="store_true", help="only the encoder table")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -58,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 
     images = [p.stem for p in sorted(KODAK_DIR.glob("kodim*.png"))[: args.images]]
     rows: dict[str, dict[int, dict]] = {} if args.skip_decoders else {d.name: {} for d in DECODERS}
-    encoders: dict[str, dict[int, dict]] = {name: {} for name in args.encoders}
+    runtimes = [e for e in ENCODERS if e.name in args.encoders]
+    columns = [
+        (v, p)
+        for v in args.versions
+        for p in args.analysis_precisions
+        if p != "exact" or v != FLOAT_PATH_VERSION
+    ]
+    encoders: dict[str, dict[str, dict]] = {e.name: {} for e in runtimes}
     with tempfile.TemporaryDirectory() as tmp:
         for version in args.versions:
             folder = Path(tmp) / f"v{version}"
@@ -67,13 +92,19 @@ def main(argv: list[str] | None = None) -> int:
             for decoder in tqdm([] if args.skip_decoders else DECODERS, desc=f"version {version}"):
                 summary = compare(reference, run_decoder(folder, decoder))
                 rows[decoder.name][version] = {key: len(names) for key, names in summary.items()}
-            for backend in tqdm(args.encoders, desc=f"version {version} encoders"):
-                other = Codec.from_pretrained(backend=backend, stream_version=version)
-                theirs = Path(tmp) / f"v{version}-{backend}"
-                streams = encode_streams(other, theirs, images, args.qualities)
-                same_bytes = sum((folder / n).read_bytes() == (theirs / n).read_bytes() for n in streams)
-                same_latents = sum(streams[name] == reference[name] for name in streams)
-                encoders[backend][version] = {"same_bytes": same_bytes, "same_latents": same_latents}
+        for version, precision in columns:
+            # the reference: eager torch in this process's environment, then each runtime in its own
+            mine = run_encoder(Path(tmp) / f"ref-v{version}-{precision}", REFERENCE, precision, version,
+                               images, args.qualities)  # fmt: skip
+            for runtime in tqdm(runtimes, desc=f"version {version}, g_a {precision}: encoders"):
+                theirs = run_encoder(
+                    Path(tmp) / f"{runtime.name}-v{version}-{precision}".replace(" ", "_").replace(",", ""),
+                    runtime, precision, version, images, args.qualities,
+                )  # fmt: skip
+                encoders[runtime.name][column_name(version, precision)] = {
+                    "same_bytes": sum(theirs[n]["bytes"] == mine[n]["bytes"] for n in mine),
+                    "same_latents": sum(theirs[n]["y_hat"] == mine[n]["y_hat"] for n in mine),
+                }
     meta = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes"), **machine()}
     meta.update(images=len(images), qualities=args.qualities, streams=len(images) * len(args.qualities))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if encoders:
-        head = "| encoder | " + " | ".join(f"version {v}: same bytes / same latents" for v in args.versions)
-        lines += ["", "Streams coded by each backend against eager torch's:", "", head + " |"]
-        lines.append("|---" * (len(args.versions) + 1) + "|")
-        for name, by_version in encoders.items():
-            counts = (by_version[v] for v in args.versions)
-            cells = [f"{r['same_bytes']} / {r['same_latents']}" for r in counts]
+        names = [column_name(v, p) for v, p in columns]
+        head = "| encoder | " + " | ".join(f"{n}: same bytes / same latents" for n in names)
+        lines += ["", "Streams written by each runtime against eager torch's (2 threads):", "", head + " |"]
+        lines.append("|---" * (len(names) + 1) + "|")
+        for name, by_column in encoders.items():
+            cells = [f"{by_column[n]['same_bytes']} / {by_column[n]['same_latents']}" for n in names]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (args.out / "portability.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

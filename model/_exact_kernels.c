@@ -58,6 +58,13 @@ static inline double pow2d(int e) {
     return d;
 }
 
+/* An integer-valued float as int64, exactly (through double: gcc would turn (int64_t)rintf(x) into
+ * llrintf, which it cannot vectorise). */
+static inline i64 integral_i64(float x) {
+    float r = rintf(x);
+    return (i64)(double)r;
+}
+
 /* The shift of fixedpoint.block_quantize for a block whose largest magnitude is amax. */
 static inline int block_shift(float amax, int bits, int low) {
     int e = 0;
@@ -169,8 +176,9 @@ MULTIVERSION static void layer_norm_kernel(const float *x, i64 rows, i64 cols, i
     }
 }
 
-/* The exp and sigmoid tables of fixedpoint, set once by set_tables() and passed to the kernels by
- * value (locals, so that the compiler may keep them in registers and vectorise the lookups). */
+/* The exp and sigmoid tables of fixedpoint, set once by set_tables(). The kernels take them as
+ * parameters (TABLE_PARAMS): gcc does not vectorise lookups through a pointer read from a struct or
+ * a global inside the loop. */
 typedef struct {
     const float *exp_high, *exp_low, *sigmoid;
     int32_t exp_limit, exp_offset, exp_low_bits, sigmoid_span, sigmoid_frac_bits;
@@ -178,39 +186,74 @@ typedef struct {
 
 static Tables tables;
 
-/* The kernels unpack the tables into locals (a pointer read from a struct defeats gcc's vectoriser). */
-#define UNPACK_TABLES(tb)                                                                        \
-    const float *exp_high = (tb).exp_high, *exp_low = (tb).exp_low;                             \
-    const float *sigmoid_table = (tb).sigmoid;                                                  \
-    const int32_t exp_limit = (tb).exp_limit, exp_offset = (tb).exp_offset;                     \
-    const int32_t exp_low_bits = (tb).exp_low_bits, sigmoid_span = (tb).sigmoid_span;           \
-    const float sigmoid_unit = (float)(1 << (tb).sigmoid_frac_bits), sigmoid_edge = (float)sigmoid_span
+#define TABLE_PARAMS                                                                              \
+    const float *exp_high, const float *exp_low, const float *sigmoid_table, int32_t exp_limit,   \
+        int32_t exp_offset, int32_t exp_low_bits, int32_t sigmoid_span, int32_t sigmoid_frac_bits
+#define TABLE_ARGS(tb)                                                                            \
+    (tb).exp_high, (tb).exp_low, (tb).sigmoid, (tb).exp_limit, (tb).exp_offset, (tb).exp_low_bits, \
+        (tb).sigmoid_span, (tb).sigmoid_frac_bits
 
 /* fixedpoint.sigmoid: the table at round(x * 2**10), clamped. */
 static inline float sigmoid_at(const float *table, float unit, float edge, int32_t span, float x) {
-    float i = rintf(x * unit);
-    i = i > -edge ? i : -edge; /* NaN reads an end of the table, never outside it */
-    i = i < edge ? i : edge;
+    /* clamping before rounding is the same (the bounds are integers), and lets gcc vectorise */
+    float u = x * unit;
+    u = u > -edge ? u : -edge; /* NaN reads an end of the table, never outside it */
+    u = u < edge ? u : edge;
+    float i = rintf(u);
     return table[(int32_t)i + span];
 }
-#define SIGMOID(x) sigmoid_at(sigmoid_table, sigmoid_unit, sigmoid_edge, sigmoid_span, (x))
+#define SIGMOID(x) sigmoid_at(sigmoid_table, (float)(1 << sigmoid_frac_bits), (float)sigmoid_span, sigmoid_span, (x))
 
 /* out = x + (sigmoid(gate) * value) [* gamma]: the gated residual of the Channel Mix and the
- * parameter networks (gate rows are read with their own stride: a split view). */
-MULTIVERSION static void sigmoid_gate_kernel(const Tables tb, const float *gate, i64 gate_stride,
-                                             const float *value, const float *gamma, const float *residual,
-                                             i64 rows, i64 cols, float *restrict out) {
-    UNPACK_TABLES(tb);
+ * parameter networks, one row (of a split view: gate rows have their own stride). */
+static inline void gate_row(const float *sigmoid_table, int32_t sigmoid_span, int32_t sigmoid_frac_bits,
+                            const float *g, const float *v, const float *gamma, const float *x,
+                            float *restrict o, i64 cols) {
+    if (gamma) {
+        for (i64 j = 0; j < cols; j++) o[j] = x[j] + (SIGMOID(g[j]) * v[j]) * gamma[j];
+    } else {
+        for (i64 j = 0; j < cols; j++) o[j] = x[j] + SIGMOID(g[j]) * v[j];
+    }
+}
+
+MULTIVERSION static void sigmoid_gate_kernel(TABLE_PARAMS, const float *gate, i64 gate_stride, const float *value,
+                                             const float *gamma, const float *residual, i64 rows, i64 cols,
+                                             float *restrict out) {
     (void)exp_high, (void)exp_low, (void)exp_limit, (void)exp_offset, (void)exp_low_bits;
 #pragma omp parallel for schedule(static) if (rows * cols > PARALLEL_MIN)
-    for (i64 i = 0; i < rows; i++) {
-        const float *g = gate + i * gate_stride, *v = value + i * cols, *x = residual + i * cols;
-        float *o = out + i * cols;
-        if (gamma) {
-            for (i64 j = 0; j < cols; j++) o[j] = x[j] + (SIGMOID(g[j]) * v[j]) * gamma[j];
-        } else {
-            for (i64 j = 0; j < cols; j++) o[j] = x[j] + SIGMOID(g[j]) * v[j];
-        }
+    for (i64 i = 0; i < rows; i++)
+        gate_row(sigmoid_table, sigmoid_span, sigmoid_frac_bits, gate + i * gate_stride, value + i * cols, gamma,
+                 residual + i * cols, out + i * cols, cols);
+}
+
+/* One token of biwkv_kernel's last pass over channels [c0, c1): the four terms in fixed point, the
+ * prefix sums, the output. Every array is its own restrict parameter, so that gcc vectorises.
+ * u (4 C): 2**shift of each term, d (4 C): 2**-shift; q counts every term in those units. */
+static inline void biwkv_step(const float *sigmoid_table, int32_t sigmoid_span, int32_t sigmoid_frac_bits,
+                              i64 c0, i64 c1, const float *v, const float *r, const float *e, const float *gr,
+                              const float *sh, const float *tl, const float *tr, const float *own,
+                              const float *u0, const float *u1, const float *u2, const float *u3,
+                              const float *d0, const float *d1, const float *d2, const float *d3,
+                              const i64 *total2, const i64 *total3, i64 *restrict run0, i64 *restrict run1,
+                              i64 *restrict run2, i64 *restrict run3, float *restrict o) {
+    for (i64 c = c0; c < c1; c++) {
+        float left = e[c] * gr[c], right = e[c] * sh[c];
+        i64 q0 = integral_i64((left * v[c]) * u0[c]);
+        i64 q1 = integral_i64(left * u1[c]);
+        i64 q2 = integral_i64((right * v[c]) * u2[c]);
+        i64 q3 = integral_i64(right * u3[c]);
+        float b0 = (float)run0[c] * d0[c]; /* exclusive prefix sums */
+        float b1 = (float)run1[c] * d1[c];
+        run0[c] += q0;
+        run1[c] += q1;
+        run2[c] += q2; /* inclusive prefix sums: the suffix is the total minus them */
+        run3[c] += q3;
+        float a2 = (float)(total2[c] - run2[c]) * d2[c];
+        float a3 = (float)(total3[c] - run3[c]) * d3[c];
+        float mine = e[c] * own[c];
+        float num = ((b0 * tl[c]) + (a2 * tr[c])) + (mine * v[c]);
+        float den = ((b1 * tl[c]) + (a3 * tr[c])) + mine;
+        o[c] = SIGMOID(r[c]) * (num / den);
     }
 }
 
@@ -218,12 +261,11 @@ MULTIVERSION static void sigmoid_gate_kernel(const Tables tb, const float *gate,
  * channels-last [k | v | r] (T, 3C); the five profiles are (T, C) (own: (C,)); out is (T, C).
  * Loops run over channels innermost (contiguous), time outermost. Scratch: keys (T C int32), rel
  * (T C float; the keys also hold 8 C floats later), 4 C floats and 7 C int64. */
-MULTIVERSION static void biwkv_kernel(const Tables tb, const float *kvr, i64 t_len, i64 c_len, i64 c0, i64 c1,
+MULTIVERSION static void biwkv_kernel(TABLE_PARAMS, const float *kvr, i64 t_len, i64 c_len, i64 c0, i64 c1,
                                       const float *grow, const float *shrink, const float *to_left,
                                       const float *to_right, const float *own, int key_limit, int bits,
                                       float *restrict out, int32_t *restrict keys, float *restrict rel,
                                       float *restrict scales, i64 *restrict sums) {
-    UNPACK_TABLES(tb);
     const i64 row = 3 * c_len;
     uint32_t *amax = (uint32_t *)scales; /* 4 C: the largest |term| per (term, channel), as bits */
     int32_t *peak = (int32_t *)(sums + 6 * c_len); /* C int32 in the last C int64 */
@@ -233,10 +275,11 @@ MULTIVERSION static void biwkv_kernel(const Tables tb, const float *kvr, i64 t_l
         const float *k = kvr + t * row;
         int32_t *kq = keys + t * c_len;
         for (i64 c = c0; c < c1; c++) {
-            float u = rintf(k[c] * 65536.0f);
+            float u = k[c] * 65536.0f; /* clamped before rounding: the same, the bounds being integers */
             u = u > -limit ? u : -limit; /* NaN as -limit: the conversion below stays defined */
             u = u < limit ? u : limit;
-            kq[c] = (int32_t)u;
+            float i = rintf(u);
+            kq[c] = (int32_t)i;
             peak[c] = kq[c] > peak[c] ? kq[c] : peak[c];
         }
     }
@@ -292,34 +335,15 @@ MULTIVERSION static void biwkv_kernel(const Tables tb, const float *kvr, i64 t_l
         const float *v = kvr + t * row + c_len, *e = rel + t * c_len, *sh = shrink + t * c_len;
         for (i64 c = c0; c < c1; c++) {
             float right = e[c] * sh[c];
-            total2[c] += (i64)rintf((right * v[c]) * u2[c]);
-            total3[c] += (i64)rintf(right * u3[c]);
+            total2[c] += integral_i64((right * v[c]) * u2[c]);
+            total3[c] += integral_i64(right * u3[c]);
         }
     }
     for (i64 t = 0; t < t_len; t++) {
-        const float *v = kvr + t * row + c_len, *r = kvr + t * row + 2 * c_len, *e = rel + t * c_len;
-        const float *gr = grow + t * c_len, *sh = shrink + t * c_len;
-        const float *tl = to_left + t * c_len, *tr = to_right + t * c_len;
-        float *o = out + t * c_len;
-        for (i64 c = c0; c < c1; c++) {
-            float left = e[c] * gr[c], right = e[c] * sh[c];
-            i64 q0 = (i64)rintf((left * v[c]) * u0[c]);
-            i64 q1 = (i64)rintf(left * u1[c]);
-            i64 q2 = (i64)rintf((right * v[c]) * u2[c]);
-            i64 q3 = (i64)rintf(right * u3[c]);
-            float b0 = (float)run0[c] * d0[c]; /* exclusive prefix sums */
-            float b1 = (float)run1[c] * d1[c];
-            run0[c] += q0;
-            run1[c] += q1;
-            run2[c] += q2; /* inclusive prefix sums: the suffix is the total minus them */
-            run3[c] += q3;
-            float a2 = (float)(total2[c] - run2[c]) * d2[c];
-            float a3 = (float)(total3[c] - run3[c]) * d3[c];
-            float mine = e[c] * own[c];
-            float num = ((b0 * tl[c]) + (a2 * tr[c])) + (mine * v[c]);
-            float den = ((b1 * tl[c]) + (a3 * tr[c])) + mine;
-            o[c] = SIGMOID(r[c]) * (num / den);
-        }
+        biwkv_step(sigmoid_table, sigmoid_span, sigmoid_frac_bits, c0, c1, kvr + t * row + c_len,
+                   kvr + t * row + 2 * c_len, rel + t * c_len, grow + t * c_len, shrink + t * c_len,
+                   to_left + t * c_len, to_right + t * c_len, own, u0, u1, u2, u3, d0, d1, d2, d3, total2, total3,
+                   run0, run1, run2, run3, out + t * c_len);
     }
 }
 
@@ -368,11 +392,11 @@ MULTIVERSION static void depthwise_kernel(const float *x, i64 h, i64 w, i64 c_le
 }
 
 /* ExactConv2d's dense input on one image, channels-first (C, H, W) or channels-last (H, W, C):
- * block_quantize over the image, the digits, and the im2col rows (H W, 2 taps C) int8:
- * [hi of tap 0 .. tap n-1 | lo of the same], zero outside. */
+ * block_quantize over the image, the digits, and the im2col rows (H' W', 2 taps C) int8 of a
+ * convolution with `stride`: [hi of tap 0 .. tap n-1 | lo of the same], zero outside. */
 MULTIVERSION static void conv_rows_kernel(const float *x, int channels_last, i64 c_len, i64 h, i64 w,
-                                          const int32_t *taps, int n_taps, int pad, int bits, int8_t *out,
-                                          int32_t *shift, int8_t *maps) {
+                                          const int32_t *taps, int n_taps, int pad, int stride, i64 ho,
+                                          i64 wo, int bits, int8_t *out, int32_t *shift, int8_t *maps) {
     i64 plane = h * w, n = c_len * plane;
     int s = block_shift(abs_max(x, n), bits, -100);
     *shift = s;
@@ -389,12 +413,12 @@ MULTIVERSION static void conv_rows_kernel(const float *x, int channels_last, i64
         }
     }
     i64 width = (i64)n_taps * c_len;
-#pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
-    for (i64 y = 0; y < h; y++) {
-        for (i64 xx = 0; xx < w; xx++) {
-            int8_t *row = out + (y * w + xx) * 2 * width;
+#pragma omp parallel for schedule(static) if (ho * wo * width > PARALLEL_MIN)
+    for (i64 y = 0; y < ho; y++) {
+        for (i64 xx = 0; xx < wo; xx++) {
+            int8_t *row = out + (y * wo + xx) * 2 * width;
             for (int k = 0; k < n_taps; k++) {
-                i64 sy = y + taps[2 * k] - pad, sx = xx + taps[2 * k + 1] - pad;
+                i64 sy = y * stride + taps[2 * k] - pad, sx = xx * stride + taps[2 * k + 1] - pad;
                 int8_t *dh = row + k * c_len, *dl = row + width + k * c_len;
                 if (sy < 0 || sy >= h || sx < 0 || sx >= w) {
                     memset(dh, 0, c_len);
@@ -466,7 +490,7 @@ static PyObject *py_sigmoid_gate(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KLKKKLLK", &gate, &gate_stride, &value, &gamma, &residual, &rows, &cols, &out))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    sigmoid_gate_kernel(tables, PTR(gate), gate_stride, PTR(value), PTR(gamma), PTR(residual), rows, cols, PTR(out));
+    sigmoid_gate_kernel(TABLE_ARGS(tables), PTR(gate), gate_stride, PTR(value), PTR(gamma), PTR(residual), rows, cols, PTR(out));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -490,15 +514,15 @@ static PyObject *py_biwkv(PyObject *self, PyObject *args) {
         for (long long b = 0; b < batch; b++) {
             const float *image = (const float *)PTR(kvr) + b * t_len * 3 * c_len;
             float *result = (float *)PTR(out) + b * t_len * c_len;
-            /* one contiguous channel range per thread, in multiples of 16 (an AVX-512 vector) */
+            /* one contiguous channel range per thread, in multiples of 8 (an AVX2 vector) */
 #pragma omp parallel if (t_len * c_len > PARALLEL_MIN)
             {
                 long long parts = omp_get_num_threads(), me = omp_get_thread_num();
-                long long step = ((c_len + parts - 1) / parts + 15) / 16 * 16;
+                long long step = ((c_len + parts - 1) / parts + 7) / 8 * 8;
                 long long c0 = me * step < c_len ? me * step : c_len;
                 long long c1 = c0 + step < c_len ? c0 + step : c_len;
                 if (c0 < c1)
-                    biwkv_kernel(tables, image, t_len, c_len, c0, c1, PTR(grow), PTR(shrink), PTR(to_left),
+                    biwkv_kernel(TABLE_ARGS(tables), image, t_len, c_len, c0, c1, PTR(grow), PTR(shrink), PTR(to_left),
                                  PTR(to_right), PTR(own), key_limit, bits, result, keys, rel, scales, totals);
             }
         }
@@ -538,10 +562,10 @@ static PyObject *py_depthwise(PyObject *self, PyObject *args) {
 
 static PyObject *py_conv_rows(PyObject *self, PyObject *args) {
     unsigned long long x, taps, out, shifts;
-    long long batch, c_len, h, w;
-    int channels_last, n_taps, pad, bits;
-    if (!PyArg_ParseTuple(args, "KpLLLLKiiiKK", &x, &channels_last, &batch, &c_len, &h, &w, &taps, &n_taps, &pad,
-                          &bits, &out, &shifts))
+    long long batch, c_len, h, w, ho, wo;
+    int channels_last, n_taps, pad, stride, bits;
+    if (!PyArg_ParseTuple(args, "KpLLLLKiiiLLiKK", &x, &channels_last, &batch, &c_len, &h, &w, &taps, &n_taps,
+                          &pad, &stride, &ho, &wo, &bits, &out, &shifts))
         return NULL;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -549,10 +573,11 @@ static PyObject *py_conv_rows(PyObject *self, PyObject *args) {
     if (!maps) {
         failed = 1;
     } else {
-        i64 n = c_len * h * w, row_bytes = h * w * 2 * (i64)n_taps * c_len;
+        i64 n = c_len * h * w, row_bytes = ho * wo * 2 * (i64)n_taps * c_len;
         for (long long b = 0; b < batch; b++) {
-            conv_rows_kernel((const float *)PTR(x) + b * n, channels_last, c_len, h, w, PTR(taps), n_taps, pad, bits,
-                             (int8_t *)PTR(out) + b * row_bytes, (int32_t *)PTR(shifts) + b, maps);
+            conv_rows_kernel((const float *)PTR(x) + b * n, channels_last, c_len, h, w, PTR(taps), n_taps, pad,
+                             stride, ho, wo, bits, (int8_t *)PTR(out) + b * row_bytes, (int32_t *)PTR(shifts) + b,
+                             maps);
         }
     }
     free(maps);

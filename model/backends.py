@@ -155,7 +155,7 @@ def load_stages(
     check_backend(backend)
     reduced = {"synthesis": synthesis_precision, "analysis": analysis_precision}
     for stage, precision in reduced.items():
-        if precision != "float32" and (backend == "onnxruntime" or export_dir is not None):
+        if precision == "bfloat16" and (backend == "onnxruntime" or export_dir is not None):
             raise ValueError(
                 f"{stage} precision {precision} needs backend torch or torchscript without "
                 "export_dir (exported files hold float32 networks)"

@@ -87,6 +87,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the model's subcommands on the ``lalic`` parser's subcommands."""
     from model.evaluate import add_eval_arguments, add_orientations_argument, non_negative_int, run_eval
+    from model.stages import ANALYSIS_PRECISIONS, PRECISIONS
     from model.train import add_train_arguments, run_train
 
     def codec_options(p: argparse.ArgumentParser, transform: str | None = None) -> None:
@@ -95,15 +96,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         if transform is None:
             return
         what = {
-            "analysis": "g_a in bfloat16 moves the latents coded (valid streams for every decoder)",
-            "synthesis": "g_s in bfloat16 moves decoded pixels, never the latents",
+            "analysis": "g_a in bfloat16 moves the latents coded (valid streams for every decoder), "
+            "faster on CPUs with AVX512-BF16, within 0.02 dB PSNR on Kodak (BENCHMARKS.md); exact "
+            "runs g_a and h_a in the entropy path's reproducible arithmetic, so that every machine "
+            "and backend writes the same bytes (slower)",
+            "synthesis": "g_s in bfloat16 moves decoded pixels, never the latents; faster on CPUs "
+            "with AVX512-BF16, within 0.02 dB PSNR on Kodak (BENCHMARKS.md)",
         }[transform]
         p.add_argument(
             "--precision",
-            choices=("float32", "bfloat16"),
+            choices=ANALYSIS_PRECISIONS if transform == "analysis" else PRECISIONS,
             default="float32",
-            help=f"precision of {transform} (default float32): {what}; faster on CPUs with "
-            "AVX512-BF16, within 0.02 dB PSNR on Kodak (BENCHMARKS.md)",
+            help=f"precision of {transform} (default float32): {what}",
         )
         p.set_defaults(precision_of=f"{transform}_precision")
 

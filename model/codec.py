@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.backends import check_backend, load_stages
+from model.backends import Stages, check_backend, load_stages
 from model.bitstream import (
     DEFAULT_MAX_PIXELS,
     FLOAT_PATH_VERSION,
@@ -80,11 +80,12 @@ from model.bitstream import (
 )
 from model.coder import CoderError, SymbolDecoder, SymbolEncoder
 from model.configs import LalicConfig, get_config
-from model.exact import LatentRangeError, exact_entropy_path
+from model.exact import ExactAnalysis, LatentRangeError, exact_analysis, exact_entropy_path
 from model.image import flip, is_orientation
 from model.lalic import LALIC, PAD_MULTIPLE
 from model.metrics import bits_per_pixel, mse
 from model.refine import lambda_for_quality
+from model.stages import EXACT_PRECISION
 from model.tiling import compress_tiled, decompress_tiled, needs_tiling
 
 ENTROPY_THREADS = 2
@@ -179,7 +180,10 @@ class Codec:
     (:data:`model.stages.PRECISIONS`); ``bfloat16`` is faster on CPUs with AVX512-BF16. For g_s it
     moves decoded pixels (PSNR within 0.02 dB on Kodak), never the streams or the decoded latents;
     for g_a it moves the latents this encoder sends (valid streams for every decoder) within the
-    rate-distortion bounds of BENCHMARKS.md, "g_s and g_a in bfloat16".
+    rate-distortion bounds of BENCHMARKS.md, "g_s and g_a in bfloat16". ``analysis_precision="exact"``
+    (:data:`model.stages.EXACT_PRECISION`) runs g_a and h_a in the reproducible arithmetic of the
+    entropy path, whatever the backend: every machine then writes the same bytes for one image
+    (without ``refine_steps``, which follows float32 gradients).
 
     ``stream_version`` is the container version the encoder writes (every version of
     :data:`model.bitstream.READ_VERSIONS` is decoded): 2, the default, codes with the reproducible
@@ -228,6 +232,9 @@ class Codec:
             synthesis_precision=synthesis_precision,
             analysis_precision=analysis_precision,
         )
+        # g_a and h_a: the backend's, or the reproducible ones for byte-identical streams everywhere
+        exact = analysis_precision == EXACT_PRECISION
+        self._encoder: Stages | ExactAnalysis = exact_analysis(self.net) if exact else self._stages
 
     # Construction -------------------------------------------------------------------------
     @classmethod
@@ -397,12 +404,12 @@ class Codec:
             check()
             with timer("analysis"):
                 xs.append(self._to_tensor([img]))
-                ys.append(self._stages.analysis(xs[-1], qt[:1]))
+                ys.append(self._encoder.analysis(xs[-1], qt[:1]))
         y = torch.cat(ys)
         del ys
         check()
         with timer("hyper"):
-            z = torch.cat([self._stages.hyper_analysis(y[i : i + 1]) for i in range(len(images))])
+            z = torch.cat([self._encoder.hyper_analysis(y[i : i + 1]) for i in range(len(images))])
         if refine_steps:
             with timer("refinement"):
                 y, z = self._refine(xs, [img.shape[:2] for img in images], q, y, z, refine_steps)
@@ -481,9 +488,9 @@ class Codec:
         and per pass the continuous scales the entropy model predicted (before the table lookup)."""
         q = self._check_quality(quality)
         net = self.net
-        y = self._stages.analysis(self._to_tensor([image]), torch.tensor([q], device=self.device))
+        y = self._encoder.analysis(self._to_tensor([image]), torch.tensor([q], device=self.device))
         med = net.entropy_bottleneck.medians().view(1, -1, 1, 1)
-        z_sym = torch.round(self._stages.hyper_analysis(y) - med).to(torch.int32)
+        z_sym = torch.round(self._encoder.hyper_analysis(y) - med).to(torch.int32)
         scales: list[torch.Tensor] = []
 
         def recording_indexes(s: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,17 @@ then the same bits on every CPU, thread count, batch size, backend and device.
 unchanged (float32 tensors whose every bit is reproducible). g_a, h_a and g_s stay on the chosen
 backend: they are outside the path (y is quantised by the encoder, and g_s only moves pixels).
 
+:class:`ExactAnalysis` runs g_a and h_a on the same kernels where the encoder is asked for
+byte-identical streams on every backend (analysis precision ``exact``).
+
 ``EXACT_PATH_VERSION`` names this arithmetic; a change to any rounding here changes streams and
 needs a new container version (:data:`model.bitstream.FORMAT_VERSION`).
 """
 
 from __future__ import annotations
+
+import decimal
+import math
 
 import torch
 from torch import Tensor, nn
@@ -252,6 +258,107 @@ class ExactEntropyPath:
 
     def params(self, k: int, tokens: Tensor) -> tuple[Tensor, Tensor]:
         return self._params[k](tokens.to(torch.float32))
+
+
+def exact_gain(log_gains: list[list[float]], quality: float) -> Tensor:
+    """The variable-rate gain of :func:`model.lalic.interpolated_gain` for one quality, reproducibly:
+    the interpolation in Python floats (IEEE double everywhere) and ``exp`` with :mod:`decimal`,
+    rounded to float32 through float64. (M,) float32."""
+    levels = len(log_gains)
+    q = min(max(float(quality), 1.0), float(levels)) - 1.0
+    low = min(math.floor(q), levels - 2)
+    frac = q - low
+    ctx = decimal.Context(prec=40)
+    values = [
+        float(ctx.exp(decimal.Decimal((1.0 - frac) * a + frac * b)))
+        for a, b in zip(log_gains[low], log_gains[low + 1], strict=True)
+    ]
+    return torch.tensor(values, dtype=torch.float64).to(torch.float32)
+
+
+class _Conv:
+    """A strided convolution of g_a or h_a (``nn.Conv2d``) on the reproducible kernels."""
+
+    def __init__(self, layer: nn.Conv2d, where: str) -> None:
+        if layer.stride[0] != layer.stride[1] or layer.padding[0] != layer.padding[1]:
+            raise ValueError(f"{where}: square strides and paddings only")
+        weight = layer.weight.detach()
+        self.conv = fx.ExactConv2d(weight, layer.bias, layer.padding[0], where=where, stride=layer.stride[0])
+
+    def to(self, device: torch.device | str) -> _Conv:
+        self.conv.to(device)
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Channels-last (B, H, W, C) in and out."""
+        return self.conv(x.permute(0, 3, 1, 2))
+
+
+class ExactAnalysis:
+    """g_a with its variable-rate gain and h_a (Sec. 3.1) in the arithmetic of :mod:`model.fixedpoint`
+    (analysis precision ``exact``): the latents y and z, hence the whole stream, are then the same
+    bits on every CPU, thread count, backend and device, like the entropy path. Slower than the
+    float32 g_a (BENCHMARKS.md, "Portable streams").
+
+    The layers are those of :func:`model.transforms.analysis_transform` and ``hyper_analysis``:
+    strided convolutions and Bi-RWKV stages. A network whose h_a has a fan-in beyond
+    :data:`model.fixedpoint.MAX_FAN_IN` (the paper's ``lalic``: 320 x 5 x 5) is refused.
+    """
+
+    def __init__(self, g_a: nn.Sequential, h_a: nn.Sequential, log_gain: Tensor | None) -> None:
+        self._g_a = [self._layer(layer, f"g_a.{i}") for i, layer in enumerate(g_a)]
+        self._h_a = [self._layer(layer, f"h_a.{i}") for i, layer in enumerate(h_a)]
+        self._log_gain = None if log_gain is None else log_gain.detach().double().tolist()
+        self._gains: dict[float, Tensor] = {}
+
+    @staticmethod
+    def _layer(layer: nn.Module, where: str) -> _Conv | _Stage:
+        if isinstance(layer, nn.Conv2d):
+            return _Conv(layer, where)
+        if isinstance(layer, BlockStage):
+            return _Stage(layer, where)
+        raise ValueError(f"{where}: no reproducible form of {type(layer).__name__}")
+
+    def to(self, device: torch.device | str) -> ExactAnalysis:
+        for part in (*self._g_a, *self._h_a):
+            part.to(device)
+        self._gains.clear()
+        return self
+
+    def _gain(self, quality: float, device: torch.device) -> Tensor | None:
+        if self._log_gain is None:
+            return None
+        if quality not in self._gains:
+            self._gains[quality] = exact_gain(self._log_gain, quality).to(device)
+        return self._gains[quality]
+
+    @staticmethod
+    def _run(layers: list, x: Tensor) -> Tensor:
+        h = x.to(torch.float32).permute(0, 2, 3, 1)  # channels-last view
+        for layer in layers:
+            h = layer(h)
+        return h.permute(0, 3, 1, 2).contiguous()
+
+    def analysis(self, x: Tensor, quality: Tensor) -> Tensor:
+        """g_a: images (B, 3, H, W) in [0, 1] -> y (B, M, H/16, W/16), times each image's quality gain."""
+        y = self._run(self._g_a, x)
+        for i, q in enumerate(quality.tolist()):
+            gain = self._gain(q, y.device)
+            if gain is not None:
+                y[i] *= gain[:, None, None]
+        return y
+
+    def hyper_analysis(self, y: Tensor) -> Tensor:
+        """h_a: y (B, M, h, w) -> z (B, C_z, h/4, w/4)."""
+        return self._run(self._h_a, y)
+
+
+def exact_analysis(net: nn.Module) -> ExactAnalysis:
+    """The :class:`ExactAnalysis` of a LALIC network prepared for inference (on its device)."""
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        log_gain = net.log_gain if net.config.variable_rate else None
+        return ExactAnalysis(net.g_a, net.h_a, log_gain).to(device)
 
 
 def exact_entropy_path(net: nn.Module) -> ExactEntropyPath:

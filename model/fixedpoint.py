@@ -412,38 +412,55 @@ class ExactLinear:
         )
 
 
-def gather_taps(x: Tensor, taps: list[tuple[int, int]], pad: int) -> Tensor:
-    """im2col of a ``(B, C, H, W)`` map for a stride-1 convolution: ``(B H W, len(taps) C)``, row
-    ``(b, y, x)`` holding ``x[b, :, y + dy - pad, x + dx - pad]`` for each tap ``(dy, dx)`` (zero outside)."""
+def conv_output_size(size: int, kernel: int, pad: int, stride: int) -> int:
+    """The output length of a convolution along one axis."""
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def gather_taps(x: Tensor, taps: list[tuple[int, int]], pad: int, kernel: int, stride: int = 1) -> Tensor:
+    """im2col of a ``(B, C, H, W)`` map: ``(B H' W', len(taps) C)``, row ``(b, y, x)`` holding
+    ``x[b, :, stride y + dy - pad, stride x + dx - pad]`` for each tap ``(dy, dx)`` (zero outside)."""
     b, c, h, w = x.shape
+    ho, wo = conv_output_size(h, kernel, pad, stride), conv_output_size(w, kernel, pad, stride)
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad))  # (B, H + 2p, W + 2p, C)
-    cols = torch.stack([padded[:, dy : dy + h, dx : dx + w] for dy, dx in taps], dim=3)
-    return cols.reshape(b * h * w, len(taps) * c)
+    span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+    cols = torch.stack(
+        [padded[:, dy : dy + span_h : stride, dx : dx + span_w : stride] for dy, dx in taps], dim=3
+    )
+    return cols.reshape(b * ho * wo, len(taps) * c)
 
 
 class ExactConv2d:
-    """A 2-D convolution (stride 1, zero padding, square kernel) of mantissas quantised per image.
+    """A 2-D convolution (zero padding, square kernel) of mantissas quantised per image.
 
     One exponent per image (all channels and positions), so the result does not depend on the
     batch. ``groups`` is 1 or the channel count (depthwise). Returns a channels-last map.
 
-    - Dense: the taps whose weights are not all zero (the checkerboard convolution has 12 of 25)
-      gathered from the int8 digits (:func:`gather_taps`) into one :class:`ExactProduct`.
+    - Dense, any ``stride``: the taps whose weights are not all zero (the checkerboard convolution
+      has 12 of 25) gathered from the int8 digits (:func:`gather_taps`) into one :class:`ExactProduct`.
     - Depthwise (Omni-Shift): all four digit products, per digit of the input a sum of ``k * k``
       products below 2**24: on the CPU float32 convolutions (oneDNN; exact since every partial
       sum is an integer below 2**24), elsewhere unfold and float64 sums (CUDA may use TF32).
     """
 
     def __init__(
-        self, weight: Tensor, bias: Tensor | None, padding: int, groups: int = 1, where: str = "conv"
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        padding: int,
+        groups: int = 1,
+        where: str = "conv",
+        stride: int = 1,
     ) -> None:
         out_ch, in_per_group, kernel, kernel_w = weight.shape
         if kernel != kernel_w:
             raise ValueError(f"{where}: square kernels only, got {tuple(weight.shape)}")
         if groups not in (1, out_ch) or (groups != 1 and in_per_group != 1):
             raise ValueError(f"{where}: groups must be 1 or depthwise, got {groups}")
+        if stride != 1 and groups != 1:
+            raise ValueError(f"{where}: depthwise convolutions have stride 1, got {stride}")
         q, scale = quantize_weight(weight)
-        self.kernel, self.padding, self.groups = kernel, padding, groups
+        self.kernel, self.padding, self.groups, self.stride = kernel, padding, groups, stride
         self.scale = scale
         self.bias = None if bias is None else bias.detach().to(torch.float32)
         if groups == 1:
@@ -495,14 +512,15 @@ class ExactConv2d:
         if not channels_last:
             x = x.contiguous()
         n_taps = len(self.taps)
-        rows = torch.empty((b * h * w, 2 * n_taps * c), dtype=torch.int8)
+        ho, wo = (conv_output_size(n, self.kernel, self.padding, self.stride) for n in (h, w))
+        rows = torch.empty((b * ho * wo, 2 * n_taps * c), dtype=torch.int8)
         shifts = torch.empty(b, dtype=torch.int32)
         _native.conv_rows(
             x.data_ptr(), channels_last, b, c, h, w, self._taps.data_ptr(), n_taps, self.padding,
-            MANTISSA_BITS, rows.data_ptr(), shifts.data_ptr(),
+            self.stride, ho, wo, MANTISSA_BITS, rows.data_ptr(), shifts.data_ptr(),
         )  # fmt: skip
-        acc = rescale_int32(*self.product.int32_parts(rows), shifts, h * w, self.scale, self.bias)
-        return acc.view(b, h, w, -1)
+        acc = rescale_int32(*self.product.int32_parts(rows), shifts, ho * wo, self.scale, self.bias)
+        return acc.view(b, ho, wo, -1)
 
     def __call__(self, x: Tensor, native: bool | None = None) -> Tensor:
         """The convolution of ``x`` (B, C, H, W) as a channels-last ``(B, H, W, out)`` float32 map."""
@@ -516,8 +534,10 @@ class ExactConv2d:
             hi, lo = _digit_values(q)
             acc = self._depthwise(hi, native).mul_(128.0).add_(self._depthwise(lo, native))
             return scale_and_bias(acc.mul_(pow2(-shift).view(b, 1, 1, 1)), self.scale, self.bias)
-        cols = torch.cat([gather_taps(d, self.taps, self.padding) for d in int8_digits(q)], dim=1)
-        acc = self.product(cols, use_int8=native).view(b, h, w, -1).mul_(pow2(7 - shift).view(b, 1, 1, 1))
+        gather = lambda d: gather_taps(d, self.taps, self.padding, self.kernel, self.stride)  # noqa: E731
+        cols = torch.cat([gather(d) for d in int8_digits(q)], dim=1)
+        ho, wo = (conv_output_size(n, self.kernel, self.padding, self.stride) for n in (h, w))
+        acc = self.product(cols, use_int8=native).view(b, ho, wo, -1).mul_(pow2(7 - shift).view(b, 1, 1, 1))
         return scale_and_bias(acc, self.scale, self.bias)
 
 
@@ -662,6 +682,7 @@ __all__ = [
     "exp_table_digest",
     "exp_units",
     "gated_residual",
+    "conv_output_size",
     "gather_taps",
     "int8_digit_rows",
     "int8_digits",

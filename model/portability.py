@@ -6,6 +6,8 @@ features that oneDNN, PyTorch and MKL use are fixed when they load (``DNNL_MAX_C
 stream of a folder and reports, per stream, the hash of the entropy-decoded latents ``y_hat``
 (:func:`latent_digest`; not of pixels, which g_s may move by one level between machines) or the
 error that refused it. :func:`run_matrix` runs them all and compares each with a reference.
+:func:`run_encoder` does the same for encoders (:data:`ENCODERS`): the streams each runtime writes
+for the same images, by digest.
 
 The committed corpus (``tests/data/portable``: streams of :data:`CORPUS_IMAGES` at
 :data:`CORPUS_QUALITIES` written with the shipped weights, and the ``y_hat`` digest of each in
@@ -15,6 +17,7 @@ or the container version change.
 Used by ``tests/model/test_portable_streams.py`` and ``bench/portability.py``; by hand::
 
     python -m model.portability decode STREAMS_DIR --backend torchscript --threads 1
+    python -m model.portability encode OUT_DIR --backend onnxruntime --analysis-precision exact
     python -m model.portability corpus tests/data/portable
 """
 
@@ -71,6 +74,9 @@ DECODERS: tuple[Decoder, ...] = (
 )
 """What the portability matrix decodes with (issue 38): other backends, thread counts, a batch,
 and the instruction sets of older x86 CPUs emulated on this one."""
+
+ENCODERS: tuple[Decoder, ...] = tuple(d for d in DECODERS if d.batch == 1)
+"""The runtimes that encode in the encoder table (a batch writes its images' streams alone: a test)."""
 
 
 def latent_digest(y_hat) -> str:
@@ -152,6 +158,67 @@ def encode_streams(
     return reference
 
 
+def stream_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def encode_folder(
+    folder: Path,
+    backend: str,
+    threads: int,
+    analysis_precision: str,
+    stream_version: int,
+    images: Sequence[str],
+    qualities: Sequence[float],
+    weights: str | None = None,
+) -> dict[str, dict[str, str]]:
+    """Encode Kodak ``images`` at ``qualities`` into ``folder``; returns, per stream, the digests of its
+    bytes and of its latents: ``{name: {"bytes": ..., "y_hat": ...}}``."""
+    import torch
+
+    from model.codec import Codec
+
+    torch.set_num_threads(threads)
+    codec = Codec.from_pretrained(
+        weights, backend=backend, analysis_precision=analysis_precision, stream_version=stream_version
+    )
+    latents = encode_streams(codec, folder, images, qualities)
+    return {
+        name: {"bytes": stream_digest((folder / name).read_bytes()), "y_hat": digest}
+        for name, digest in latents.items()
+    }
+
+
+def run_encoder(
+    folder: Path,
+    runtime: Decoder,
+    analysis_precision: str,
+    stream_version: int,
+    images: Sequence[str],
+    qualities: Sequence[float],
+    timeout: float = 1800,
+) -> dict[str, dict[str, str]]:
+    """:func:`encode_folder` in a fresh Python process with ``runtime``'s backend, threads and environment."""
+    cmd = [
+        *("encode", str(folder), "--backend", runtime.backend, "--threads", str(runtime.threads)),
+        *("--analysis-precision", analysis_precision, "--stream-version", str(stream_version)),
+        *("--images", *images, "--qualities", *(f"{q:g}" for q in qualities)),
+    ]
+    return _run_module(cmd, runtime, timeout)
+
+
+def _run_module(args: list[str], runtime: Decoder, timeout: float) -> dict:
+    """``python -m model.portability ARGS`` with ``runtime``'s environment; its last line as JSON."""
+    env = {**os.environ, **runtime.env, "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "model.portability", *args]
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{runtime.name}: process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or the architecture where that is not readable."""
     import platform
@@ -181,30 +248,11 @@ def write_corpus(folder: Path = CORPUS_DIR) -> dict:
 
 def run_decoder(folder: Path, decoder: Decoder, weights: str | None = None, timeout: float = 1800) -> dict:
     """:func:`decode_folder` in a fresh Python process with ``decoder``'s environment."""
-    env = {**os.environ, **decoder.env, "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "model.portability",
-        "decode",
-        str(folder),
-        "--backend",
-        decoder.backend,
-        "--threads",
-        str(decoder.threads),
-        "--batch",
-        str(decoder.batch),
-    ]
+    cmd = ["decode", str(folder), "--backend", decoder.backend, "--threads", str(decoder.threads)]
+    cmd += ["--batch", str(decoder.batch)]
     if weights:
         cmd += ["--weights", weights]
-    proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{decoder.name}: decoder process failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_module(cmd, decoder, timeout)
 
 
 def compare(reference: dict[str, str], report: dict[str, dict]) -> dict[str, list[str]]:
@@ -243,6 +291,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     dec.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     dec.add_argument("--batch", type=int, default=1, help="also decode pixels in batches of this size")
     dec.add_argument("--weights", default=None, help="weight file (default: the shipped weights)")
+    enc = sub.add_parser("encode", help="encode Kodak images into a folder; print one JSON line of digests")
+    enc.add_argument("folder", type=Path, help="folder to write <image>-q<quality>.lalic into")
+    enc.add_argument("--backend", default="torch", help="torch, torchscript or onnxruntime (default torch)")
+    enc.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    enc.add_argument(
+        "--analysis-precision",
+        default="float32",
+        help="g_a's precision: float32, bfloat16 or exact (byte-identical streams on every runtime)",
+    )
+    enc.add_argument("--stream-version", type=int, default=2, help="container version (default 2)")
+    enc.add_argument("--images", nargs="+", default=list(CORPUS_IMAGES), help="Kodak image names")
+    enc.add_argument("--qualities", type=float, nargs="+", default=list(CORPUS_QUALITIES))
+    enc.add_argument("--weights", default=None, help="weight file (default: the shipped weights)")
     corpus = sub.add_parser("corpus", help="rewrite the committed corpus of streams and latent digests")
     corpus.add_argument(
         "folder", type=Path, nargs="?", default=CORPUS_DIR, help="default: tests/data/portable"
@@ -252,7 +313,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         expected = write_corpus(args.folder)
         print(f"wrote {len(expected['y_hat'])} streams to {args.folder}")
         return
-    report = decode_folder(args.folder, args.backend, args.threads, args.batch, args.weights)
+    if args.command == "encode":
+        report = encode_folder(
+            args.folder,
+            args.backend,
+            args.threads,
+            args.analysis_precision,
+            args.stream_version,
+            args.images,
+            args.qualities,
+            args.weights,
+        )
+    else:
+        report = decode_folder(args.folder, args.backend, args.threads, args.batch, args.weights)
     print(json.dumps(report, sort_keys=True))
 
 

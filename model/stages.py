@@ -40,6 +40,11 @@ PRECISIONS = ("float32", "bfloat16")
 """Precisions g_a and g_s can run in (:func:`stage_modules`). Neither is on the entropy path: g_s's
 precision moves decoded pixels, never the latents; g_a's moves the latents the encoder sends (the
 streams stay valid everywhere), never what a decoder computes from them."""
+EXACT_PRECISION = "exact"
+"""g_a's and h_a's precision for byte-identical streams: the reproducible arithmetic of the entropy path
+(:class:`model.exact.ExactAnalysis`), the same latents on every backend, CPU and device."""
+ANALYSIS_PRECISIONS = (*PRECISIONS, EXACT_PRECISION)
+"""Precisions of the encoder's transforms: :data:`PRECISIONS` and :data:`EXACT_PRECISION`."""
 AUTO_PRECISION = "auto"
 """A precision setting resolved by :func:`resolve_precision`: bfloat16 where it is native, else float32."""
 NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -152,10 +157,11 @@ def stage_modules(
     net: LALIC, synthesis_precision: str = "float32", analysis_precision: str = "float32"
 ) -> dict[str, nn.Module]:
     """Every stage of a network prepared for inference, by name (see the module docstring); the
-    precisions (:data:`PRECISIONS`) choose g_s's and g_a's."""
-    for precision in (synthesis_precision, analysis_precision):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    precisions (:data:`PRECISIONS`) choose g_s's and g_a's (``exact`` keeps the float32 g_a here: the
+    codec encodes with :class:`model.exact.ExactAnalysis` instead)."""
+    for precision, allowed in ((synthesis_precision, PRECISIONS), (analysis_precision, ANALYSIS_PRECISIONS)):
+        if precision not in allowed:
+            raise ValueError(f"precision {precision!r} is not one of {allowed}")
     ctx = net.context
     log_gain, log_inverse_gain = gain_tables(net)
     analysis = Gained(net.g_a, log_gain, at_input=False)

@@ -147,12 +147,14 @@ class Settings(BaseSettings):
         "slightly (PSNR within 0.02 dB on Kodak), never the bitstreams; needs backend torch or "
         "torchscript. auto: bfloat16 on such a CPU with backend torch or torchscript, else float32.",
     )
-    analysis_precision: Literal["auto", "float32", "bfloat16"] = Field(
+    analysis_precision: Literal["auto", "float32", "bfloat16", "exact"] = Field(
         "auto",
-        description="Precision of the analysis transform g_a (encoding only): bfloat16 is faster on "
-        "CPUs with AVX512-BF16 and changes the latents this service sends (valid streams for every "
-        "decoder; rate and PSNR in BENCHMARKS.md); needs backend torch or torchscript. auto: "
-        "bfloat16 on such a CPU with backend torch or torchscript, else float32.",
+        description="Precision of the analysis transforms g_a and h_a (encoding only): bfloat16 is "
+        "faster on CPUs with AVX512-BF16 and changes the latents this service sends (valid streams for "
+        "every decoder; rate and PSNR in BENCHMARKS.md); needs backend torch or torchscript. exact: the "
+        "reproducible arithmetic of the entropy path, so that every replica, CPU and backend writes the "
+        "same bytes for one image (slower; BENCHMARKS.md, 'Portable streams'). auto: bfloat16 on such a "
+        "CPU with backend torch or torchscript, else float32.",
     )
     stream_version: int = Field(
         2,

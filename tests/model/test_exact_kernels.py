@@ -74,13 +74,16 @@ def test_linear(bias: bool) -> None:
     same_bits(lambda: layer(-x.abs(), square_relu=True))  # all zero after the ReLU
 
 
-@pytest.mark.parametrize("kernel,pad,taps", [(3, 1, None), (5, 2, "checkerboard"), (4, 2, None)])
-def test_dense_convolution(kernel: int, pad: int, taps: str | None) -> None:
+@pytest.mark.parametrize(
+    "kernel,pad,stride,taps",
+    [(3, 1, 1, None), (5, 2, 1, "checkerboard"), (4, 2, 1, None), (5, 2, 2, None), (3, 1, 2, None)],
+)
+def test_dense_convolution(kernel: int, pad: int, stride: int, taps: str | None) -> None:
     gen = torch.Generator().manual_seed(kernel)
     weight = torch.randn(24, 10, kernel, kernel, generator=gen)
     if taps:
         weight[:, :, ::2, ::2] = 0  # the checkerboard context's 12 live taps of 25
-    conv = fx.ExactConv2d(weight, torch.randn(24, generator=gen), pad)
+    conv = fx.ExactConv2d(weight, torch.randn(24, generator=gen), pad, stride=stride)
     image = torch.randn(3, 10, 7, 9, generator=gen) * torch.tensor([1e-30, 1.0, 1e20])[:, None, None, None]
     same_bits(lambda: conv(image))
     channels_last = image.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
@@ -199,3 +202,43 @@ def test_a_stream_is_the_same_with_the_kernels_and_with_the_reference() -> None:
         assert codec.compress(image, 2.5) == data
         reference_y, _ = codec.decode_latents(data)
     assert torch.equal(y_hat, reference_y)
+
+
+def test_strided_convolutions_match_torch() -> None:
+    """The stride of g_a's and h_a's convolutions: within rounding of F.conv2d (and of the same shape)."""
+    gen = torch.Generator().manual_seed(9)
+    image = torch.randn(2, 6, 11, 14, generator=gen)
+    for kernel, stride in ((5, 2), (3, 2), (3, 3)):
+        weight, bias = torch.randn(8, 6, kernel, kernel, generator=gen), torch.randn(8, generator=gen)
+        got = fx.ExactConv2d(weight, bias, kernel // 2, stride=stride)(image)
+        want = torch.nn.functional.conv2d(image, weight, bias, stride=stride, padding=kernel // 2)
+        assert got.shape == want.permute(0, 2, 3, 1).shape
+        assert float((got - want.permute(0, 2, 3, 1)).abs().max()) < 2e-3 * float(want.abs().max())
+
+
+def test_exact_analysis_is_within_rounding_of_the_float_transforms() -> None:
+    """analysis precision ``exact``: g_a (with its gain) and h_a close to the float32 networks,
+    and the same bits with the C kernels and with the reference."""
+    from model.exact import exact_analysis, exact_gain
+    from model.lalic import interpolated_gain
+
+    codec = Codec.from_pretrained()
+    net = codec.net
+    exact = exact_analysis(net)
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(10))
+    for quality in (1.0, 3.5, 6.0):
+        q = torch.tensor([quality])
+        want = torch.exp(torch.log(interpolated_gain(net.log_gain, q)))[0, :, 0, 0]
+        assert torch.allclose(exact_gain(net.log_gain.tolist(), quality), want, rtol=1e-6)
+        with torch.no_grad():
+            y_float = net.analysis(x, q)
+        y = exact.analysis(x, q)
+        assert float((y - y_float).abs().max()) < 2e-3 * float(y_float.abs().max())
+        with fx.reference_kernels():
+            assert torch.equal(bits(exact.analysis(x, q)), bits(y))
+        with torch.no_grad():
+            z_float = net.h_a(y)
+        z = exact.hyper_analysis(y)
+        assert float((z - z_float).abs().max()) < 2e-3 * float(z_float.abs().max())
+    with pytest.raises(ValueError, match="fan-in"):  # the paper's lalic: h_a reads 320 x 5 x 5
+        exact_analysis(Codec.random("lalic").net)

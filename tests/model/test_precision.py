@@ -15,6 +15,7 @@ from PIL import Image
 from model.codec import Codec
 from model.paths import KODAK_DIR
 from model.stages import (
+    ANALYSIS_PRECISIONS,
     AUTO_PRECISION,
     PRECISIONS,
     BFloat16Gained,
@@ -132,8 +133,9 @@ def test_the_service_default_resolves_by_this_cpu() -> None:
 
     settings = Settings(backend="torch")
     assert settings.synthesis_precision == settings.analysis_precision == AUTO_PRECISION
-    for name in ("synthesis_precision", "analysis_precision"):  # Settings repeats them without torch
-        assert get_args(Settings.model_fields[name].annotation) == (AUTO_PRECISION, *PRECISIONS)
+    literals = {"synthesis_precision": PRECISIONS, "analysis_precision": ANALYSIS_PRECISIONS}
+    for name, precisions in literals.items():  # Settings repeats them without torch
+        assert get_args(Settings.model_fields[name].annotation) == (AUTO_PRECISION, *precisions)
     expected = "bfloat16" if native_bfloat16() else "float32"
     assert resolve_precision(settings.synthesis_precision, "cpu", settings.backend) == expected
     assert Settings(backend="onnxruntime").analysis_precision == AUTO_PRECISION  # allowed: float32 there
