@@ -36,3 +36,21 @@ def test_the_default_precision_follows_the_cpu(server_logs: Path, codec: Any) ->
         assert decoded.status_code == 200, decoded.text
         pixels = np.asarray(Image.open(io.BytesIO(decoded.content)))
         assert np.array_equal(pixels, fast.decompress(stream))
+
+
+def test_exact_analysis_is_served(server_logs: Path, codec: Any) -> None:
+    """LALIC_ANALYSIS_PRECISION=exact (here on the torchscript backend): /compress returns the bytes
+    of an eager-torch codec with exact analysis, which differ from its float32 bytes for this image
+    (every backend writing the same bytes is tests/model/test_portable_streams.py's)."""
+    from model.codec import Codec
+
+    image = test_image(256, 256)  # smaller images give the same streams with these random weights
+    exact = Codec(codec.net, backend="torch", analysis_precision="exact").compress(image, 6)
+    assert exact != codec.compress(image, 6)
+    settings = {"qualities": "6", "backend": "torchscript", "analysis_precision": "exact"}
+    with ready_server(server_logs, **settings) as server:
+        assert "g_a in exact" in server.log()
+        compressed = httpx.post(
+            f"{server.url}/compress?quality=6", content=encode(image), headers=PNG, timeout=60
+        )
+        assert compressed.status_code == 200 and compressed.content == exact
