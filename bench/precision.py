@@ -1,14 +1,15 @@
-"""g_s and g_a in bfloat16 against float32: PSNR and rate changes on all of Kodak, and the times.
+"""g_s and g_a in bfloat16 (and g_a exact) against float32: PSNR and rate changes on Kodak, and the times.
 
 Run from the repository root with the venv active, e.g.::
 
     python bench/precision.py                        # shipped weights, torch, 24 images x 6 qualities
     python bench/precision.py --limit 4 --qualities 6 --out /tmp/precision
 
-Every Kodak image is compressed per quality by a float32 codec and by one with g_a in bfloat16
-(``analysis_precision``). The float32 stream is decoded by a float32 and a bfloat16 codec
-(``synthesis_precision``): per quality, the mean and the worst PSNR change (bfloat16 minus float32,
-dB) and the largest pixel difference. The bfloat16 encoder's stream is decoded in float32: per
+Every Kodak image is compressed per quality by a float32 codec and by one per g_a precision of
+``--analysis-precisions`` (bfloat16, and exact: the reproducible arithmetic of the entropy path).
+The float32 stream is decoded by a float32 and a bfloat16 codec (``synthesis_precision``): per
+quality, the mean and the worst PSNR change (bfloat16 minus float32, dB) and the largest pixel
+difference. Each other encoder's stream is decoded in float32: per
 quality, its rate change (total bytes) and mean PSNR change against the float32 encoder's. Then
 kodim23 (768x512) at quality 3 is decoded and encoded ``--runs`` times by each codec, alternating,
 and the medians of the calls and of g_s / g_a (the codec's ``synthesis`` / ``analysis`` timings)
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qualities", type=float, nargs="+", default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--limit", type=int, default=24, help="Kodak images (default all 24)")
     parser.add_argument("--runs", type=int, default=9, help="timed decodes per precision")
+    parser.add_argument(
+        "--analysis-precisions",
+        nargs="+",
+        default=["bfloat16", "exact"],
+        help="g_a precisions compared with float32 (default bfloat16 exact)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write precision.{json,md} here")
     args = parser.parse_args(argv)
 
@@ -56,22 +63,27 @@ def main(argv: list[str] | None = None) -> int:
     codecs = {
         p: Codec.from_pretrained(backend=args.backend, synthesis_precision=p) for p in ("float32", "bfloat16")
     }
-    encoder = Codec.from_pretrained(backend=args.backend, analysis_precision="bfloat16")
+    encoders = {"float32": codecs["float32"]} | {
+        p: Codec.from_pretrained(backend=args.backend, analysis_precision=p) for p in args.analysis_precisions
+    }
     files = sorted(KODAK_DIR.glob("kodim*.png"))[: args.limit]
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     rows = []
     for quality in args.qualities:
-        deltas, diffs, encoded, sizes = [], [], [], [0, 0]
+        deltas, diffs = [], []
+        encoded: dict[str, list[float]] = {p: [] for p in args.analysis_precisions}
+        sizes = dict.fromkeys(encoders, 0)
         for image in tqdm(images, desc=f"quality {quality:g}", leave=False):
             stream = codecs["float32"].compress(image, quality)
-            exact = codecs["float32"].decompress(stream)
+            reference = codecs["float32"].decompress(stream)
             fast = codecs["bfloat16"].decompress(stream)
-            deltas.append(psnr(image, fast) - psnr(image, exact))
-            diffs.append(int(np.abs(fast.astype(int) - exact.astype(int)).max()))
-            other = encoder.compress(image, quality)
-            encoded.append(psnr(image, codecs["float32"].decompress(other)) - psnr(image, exact))
-            sizes[0] += len(stream)
-            sizes[1] += len(other)
+            deltas.append(psnr(image, fast) - psnr(image, reference))
+            diffs.append(int(np.abs(fast.astype(int) - reference.astype(int)).max()))
+            sizes["float32"] += len(stream)
+            for p in args.analysis_precisions:
+                other = encoders[p].compress(image, quality)
+                encoded[p].append(psnr(image, codecs["float32"].decompress(other)) - psnr(image, reference))
+                sizes[p] += len(other)
         rows.append(
             {
                 "quality": quality,
@@ -79,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                 "worst_dpsnr_db": min(deltas),
                 "max_pixel_diff": max(diffs),
                 "images": len(deltas),
-                "encoder_rate_change_pct": (sizes[1] / sizes[0] - 1) * 100,
-                "encoder_mean_dpsnr_db": statistics.mean(encoded),
-                "encoder_worst_dpsnr_db": min(encoded),
+                "encoders": {
+                    p: {
+                        "rate_change_pct": (sizes[p] / sizes["float32"] - 1) * 100,
+                        "mean_dpsnr_db": statistics.mean(encoded[p]),
+                        "worst_dpsnr_db": min(encoded[p]),
+                    }
+                    for p in args.analysis_precisions
+                },
             }
         )
     image = test_image(768, 512)
@@ -93,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         p: {"decode_ms": median_ms(decodes[p], "total"), "synthesis_ms": median_ms(decodes[p], "synthesis")}
         for p in codecs
     }
-    encoders = {"float32": codecs["float32"], "bfloat16": encoder}
     encodes = alternate(
         {p: lambda timings, c=c: c.compress_batch([image], 3.0, timings) for p, c in encoders.items()},
         args.runs,
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
     }
     lines = [
-        "# g_s in bfloat16 against float32 (issue 39)",
+        "# g_s in bfloat16, g_a in other precisions, against float32 (issues 38 and 39)",
         "",
         f"- Command: `{meta['command']}`",
         f"- Date: {meta['date']}; machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; "
@@ -131,18 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for p, t in timing.items():
         lines.append(f"| {p} | {t['decode_ms']:.1f} | {t['synthesis_ms']:.1f} |")
-    lines += [
-        "",
-        "g_a in bfloat16: its streams decoded in float32, against the float32 encoder's:",
-        "",
-        "| quality | rate change | mean PSNR change dB | worst image dB |",
-        "| --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['quality']:g} | {r['encoder_rate_change_pct']:+.3f} % | "
-            f"{r['encoder_mean_dpsnr_db']:+.4f} | {r['encoder_worst_dpsnr_db']:+.4f} |"
-        )
+    for p in args.analysis_precisions:
+        lines += [
+            "",
+            f"g_a in {p}: its streams decoded in float32, against the float32 encoder's:",
+            "",
+            "| quality | rate change | mean PSNR change dB | worst image dB |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            e = r["encoders"][p]
+            lines.append(
+                f"| {r['quality']:g} | {e['rate_change_pct']:+.3f} % | "
+                f"{e['mean_dpsnr_db']:+.4f} | {e['worst_dpsnr_db']:+.4f} |"
+            )
     lines += [
         "",
         f"Encode of kodim23 (768x512) at quality 3, median of {args.runs}, alternating:",

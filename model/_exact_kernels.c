@@ -258,7 +258,8 @@ static inline void biwkv_step(const float *sigmoid_table, int32_t sigmoid_span, 
 }
 
 /* fixedpoint.BiWKV followed by the receptance gate, sigmoid(r) * wkv(k, v), on one image's
- * channels-last [k | v | r] (T, 3C); the five profiles are (T, C) (own: (C,)); out is (T, C).
+ * channels-last [k | v | r] (T, 3C); the four profiles are (T, C) rows (the caller passes shifted
+ * views of two arrays), own is (C,); out is (T, C).
  * Loops run over channels innermost (contiguous), time outermost. Scratch: keys (T C int32), rel
  * (T C float; the keys also hold 8 C floats later), 4 C floats and 7 C int64. */
 MULTIVERSION static void biwkv_kernel(TABLE_PARAMS, const float *kvr, i64 t_len, i64 c_len, i64 c0, i64 c1,

@@ -74,6 +74,11 @@ _EXP_LIMIT = EXP_RANGE << EXP_FRAC_BITS
 _EXP_OFFSET = EXP_RANGE << (EXP_FRAC_BITS - _EXP_LOW_BITS)
 _KEY_LIMIT = 255 << EXP_FRAC_BITS  # BiWKV keys are clamped to ±255 (differences still fit int32)
 
+PROFILE_CACHE_LIMIT = 1 << 23
+"""BiWKV keeps its decay profiles for the last token count while they hold at most this many values
+(32 MB each: those of the entropy path and of a 768x512 image's g_a; larger images recompute
+them per call, leaving no large cache behind)."""
+
 
 _native_enabled = True
 
@@ -355,18 +360,27 @@ def scale_and_bias(acc: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     return torch.addcmul(bias, acc, scale)
 
 
-def rescale_int32(
-    cross: Tensor, high: Tensor, shifts: Tensor, rows_per_shift: int, scale: Tensor, bias: Tensor | None
+PRODUCT_ROWS = 1 << 14
+"""Rows per call of the C path's products: the two int32 digit products of a chunk stay small (and
+in cache for the rescale) instead of eight bytes per output of a whole image's layer."""
+
+
+def native_product(
+    product: ExactProduct, digits: Tensor, shifts: Tensor, scale: Tensor, bias: Tensor | None
 ) -> Tensor:
-    """The C kernel of ``scale_and_bias(float32(cross + 128 high) * 2**(7 - s), scale, bias)`` for the
-    int32 parts of :meth:`ExactProduct.int32_parts` (M, N); ``s`` per ``rows_per_shift`` rows."""
-    rows, cols = cross.shape
-    out = torch.empty((rows, cols), dtype=torch.float32)
+    """The C path of a layer: the digit products of ``digits`` (M, 2K) by :data:`PRODUCT_ROWS`
+    rows, each rescaled at once to ``float32(cross + 128 high) * 2**(7 - s) * scale + bias``
+    (:func:`scale_and_bias`) with ``s`` the int32 ``shifts`` (M,) of the rows. (M, N) float32."""
+    rows = digits.shape[0]
+    out = torch.empty((rows, product.hi.shape[1]), dtype=torch.float32)
     b = 0 if bias is None else bias.data_ptr()
-    _native.rescale(
-        cross.data_ptr(), high.data_ptr(), rows, cols, shifts.data_ptr(), rows_per_shift,
-        scale.data_ptr(), b, out.data_ptr(),
-    )  # fmt: skip
+    for start in range(0, rows, PRODUCT_ROWS):
+        stop = min(rows, start + PRODUCT_ROWS)
+        cross, high = product.int32_parts(digits[start:stop])
+        _native.rescale(
+            cross.data_ptr(), high.data_ptr(), stop - start, out.shape[1], shifts[start:stop].data_ptr(), 1,
+            scale.data_ptr(), b, out[start:stop].data_ptr(),
+        )  # fmt: skip
     return out
 
 
@@ -407,7 +421,7 @@ class ExactLinear:
             rows.data_ptr(), m, k, rows.stride(0), MANTISSA_BITS, square_relu,
             both.data_ptr(), shifts.data_ptr(),
         )  # fmt: skip
-        return rescale_int32(*self.product.int32_parts(both), shifts, 1, self.scale, self.bias).view(
+        return native_product(self.product, both, shifts, self.scale, self.bias).view(
             *x.shape[:-1], self.out_features
         )
 
@@ -519,7 +533,7 @@ class ExactConv2d:
             x.data_ptr(), channels_last, b, c, h, w, self._taps.data_ptr(), n_taps, self.padding,
             self.stride, ho, wo, MANTISSA_BITS, rows.data_ptr(), shifts.data_ptr(),
         )  # fmt: skip
-        acc = rescale_int32(*self.product.int32_parts(rows), shifts, ho * wo, self.scale, self.bias)
+        acc = native_product(self.product, rows, shifts.repeat_interleave(ho * wo), self.scale, self.bias)
         return acc.view(b, ho, wo, -1)
 
     def __call__(self, x: Tensor, native: bool | None = None) -> Tensor:
@@ -599,24 +613,38 @@ class BiWKV:
         self._profiles = self._by_token = None
         return self
 
+    def _steps(self, t: int, by_token: bool) -> Tensor:
+        """``i * decay / T`` on the 2**-16 grid for i = -1 .. T, clamped: int32 (C, T + 2), or
+        (T + 2, C) ``by_token``."""
+        steps = torch.arange(-1, t + 1, device=self.decay.device, dtype=torch.int64)
+        products = steps[:, None] * self.decay[None, :] if by_token else steps[None, :] * self.decay[:, None]
+        return round_div(products, t).clamp_(-_EXP_LIMIT, _EXP_LIMIT).to(torch.int32)
+
+    def _own(self, t: int) -> Tensor:
+        """``e^u`` (C,)."""
+        return exp_units(round_div(self.boost, t).clamp_(-_EXP_LIMIT, _EXP_LIMIT).to(torch.int32))
+
     def profiles(self, t: int) -> tuple[Tensor, ...]:
         """``e^{i w}``, ``e^{-i w}``, ``e^{-(t-1) w}``, ``e^{(t+1) w}`` (C, T) and ``e^u`` (C, 1), float32."""
         if self._profiles is None or self._profiles[0] != t:
-            steps = torch.arange(-1, t + 1, device=self.decay.device, dtype=torch.int64)
-            iw = round_div(steps[None, :] * self.decay[:, None], t).clamp_(-_EXP_LIMIT, _EXP_LIMIT)
-            iw = iw.to(torch.int32)  # (C, T + 2): i * decay / T on the grid, for i = -1 .. T
+            iw = self._steps(t, by_token=False)
             inner = iw[:, 1:-1]
-            own = round_div(self.boost, t).clamp_(-_EXP_LIMIT, _EXP_LIMIT).to(torch.int32)[:, None]
             exps = (exp_units(inner), exp_units(-inner), exp_units(-iw[:, :-2]), exp_units(iw[:, 2:]))
-            self._profiles = (t, (*exps, exp_units(own)))
+            self._profiles = (t, (*exps, self._own(t)[:, None]))
         return self._profiles[1]
 
     def _profiles_by_token(self, t: int) -> tuple[Tensor, ...]:
-        """:meth:`profiles` laid out for the C kernel: (T, C) and ``e^u`` (C,), kept for the last ``T``."""
-        if self._by_token is None or self._by_token[0] != t:
-            *rows, own = self.profiles(t)
-            self._by_token = (t, (*(p.t().contiguous() for p in rows), own.reshape(-1).contiguous()))
-        return self._by_token[1]
+        """:meth:`profiles` for the C kernel: ``e^{i w}`` and ``e^{-i w}`` for i = -1 .. T, (T + 2, C)
+        each (the four profiles are rows of these two, shifted by one), and ``e^u`` (C,). Kept for the
+        last ``T`` while they are small (:data:`PROFILE_CACHE_LIMIT` values); recomputed otherwise, so
+        that a large image leaves no large cache behind."""
+        if self._by_token is not None and self._by_token[0] == t:
+            return self._by_token[1]
+        iw = self._steps(t, by_token=True)
+        result = (exp_units(iw), exp_units(-iw), self._own(t))
+        if iw.numel() <= PROFILE_CACHE_LIMIT:
+            self._by_token = (t, result)
+        return result
 
     def gated(self, kvr: Tensor) -> Tensor:
         """``sigmoid(r) * wkv(k, v)`` for a channels-last ``[k | v | r]`` (B, T, 3C) -> (B, T, C):
@@ -626,11 +654,14 @@ class BiWKV:
         if _use_native(kvr):
             _native_tables()
             x = kvr.to(torch.float32).contiguous()
-            grow, shrink, to_left, to_right, own = self._profiles_by_token(t)
+            up, down, own = self._profiles_by_token(t)  # rows i = -1 .. T
+            row = 4 * c  # bytes of one row of float32
             out = torch.empty((b, t, c), dtype=torch.float32)
             _native.biwkv(
-                x.data_ptr(), b, t, c, grow.data_ptr(), shrink.data_ptr(), to_left.data_ptr(),
-                to_right.data_ptr(), own.data_ptr(), _KEY_LIMIT, 62 - ceil_log2(t), out.data_ptr(),
+                x.data_ptr(), b, t, c,
+                up.data_ptr() + row, down.data_ptr() + row,  # e^{t w}, e^{-t w}
+                down.data_ptr(), up.data_ptr() + 2 * row,  # e^{-(t-1) w}, e^{(t+1) w}
+                own.data_ptr(), _KEY_LIMIT, 62 - ceil_log2(t), out.data_ptr(),
             )  # fmt: skip
             return out
         k, v, r = kvr.transpose(1, 2).split(c, dim=1)  # (B, C, T) each
@@ -669,6 +700,8 @@ __all__ = [
     "MANTISSA_BITS",
     "MAX_FAN_IN",
     "MAX_NORM_WIDTH",
+    "PRODUCT_ROWS",
+    "PROFILE_CACHE_LIMIT",
     "SIGMOID_FRAC_BITS",
     "SIGMOID_RANGE",
     "NORM_BITS",
@@ -692,7 +725,7 @@ __all__ = [
     "pow2_double",
     "quantize_weight",
     "reference_kernels",
-    "rescale_int32",
+    "native_product",
     "round_div",
     "scale_and_bias",
     "sigmoid",

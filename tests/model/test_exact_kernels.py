@@ -242,3 +242,30 @@ def test_exact_analysis_is_within_rounding_of_the_float_transforms() -> None:
         assert float((z - z_float).abs().max()) < 2e-3 * float(z_float.abs().max())
     with pytest.raises(ValueError, match="fan-in"):  # the paper's lalic: h_a reads 320 x 5 x 5
         exact_analysis(Codec.random("lalic").net)
+
+
+def test_large_decay_profiles_are_not_kept(monkeypatch) -> None:
+    """Profiles beyond PROFILE_CACHE_LIMIT values are recomputed per call (no large cache stays
+    behind after a large image), with the same bits; small ones are kept."""
+    gen = torch.Generator().manual_seed(11)
+    wkv = fx.BiWKV(torch.linspace(-6, 6, 16), torch.randn(16, generator=gen))
+    kvr = torch.randn(1, 50, 48, generator=gen)
+    first = wkv.gated(kvr)
+    assert wkv._by_token is not None and wkv._by_token[0] == 50
+    monkeypatch.setattr(fx, "PROFILE_CACHE_LIMIT", 16 * 52 - 1)
+    wkv = fx.BiWKV(torch.linspace(-6, 6, 16), wkv.boost.double() / 65536)
+    assert torch.equal(bits(wkv.gated(kvr)), bits(first))
+    assert wkv._by_token is None
+    same_bits(lambda: wkv.gated(kvr))
+
+
+def test_products_in_row_chunks_give_the_same_bits(monkeypatch) -> None:
+    """Large layers multiply PRODUCT_ROWS rows at a time (bounded int32 temporaries): the same bits."""
+    monkeypatch.setattr(fx, "PRODUCT_ROWS", 7)
+    gen = torch.Generator().manual_seed(12)
+    linear = fx.ExactLinear(torch.randn(20, 30, generator=gen), torch.randn(20, generator=gen))
+    x = torch.randn(2, 25, 30, generator=gen)
+    same_bits(lambda: linear(x))
+    conv = fx.ExactConv2d(torch.randn(12, 5, 3, 3, generator=gen), None, 1, stride=2)
+    image = torch.randn(2, 5, 9, 7, generator=gen) * torch.tensor([1e3, 1e-3])[:, None, None, None]
+    same_bits(lambda: conv(image))
