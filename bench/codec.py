@@ -17,7 +17,8 @@ taken while that is above ~5 % of the machine are not trustworthy on a 2-core ho
 
 A LALIC backend may carry modifiers after ``+``: ``v1`` writes (and decodes) container version 1,
 the float32 entropy path of releases before 2026-12-06 (the default is version 2, the reproducible
-path); ``bf16`` runs g_a and g_s in bfloat16 (``analysis_precision``, ``synthesis_precision``). So
+path); ``bf16`` runs g_a and g_s in bfloat16 (``analysis_precision``, ``synthesis_precision``);
+``exact`` runs g_a and h_a in the reproducible arithmetic (the same bytes from every machine). So
 ``torch+v1`` is the codec as it was before issues 38 and 39, and ``torch+bf16`` the fastest today.
 
 LALIC stages (timers inside :class:`model.codec.Codec`): ``analysis`` (g_a with gain),
@@ -157,6 +158,7 @@ def median_ms(samples: list[dict], key: str) -> float:
 MODIFIERS = {
     "v1": {"stream_version": 1},
     "bf16": {"analysis_precision": "bfloat16", "synthesis_precision": "bfloat16"},
+    "exact": {"analysis_precision": "exact"},
 }
 """What a ``+modifier`` after a LALIC backend passes to :class:`model.codec.Codec`."""
 
@@ -648,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=LALIC_BACKENDS,
         type=_variant_arg,
-        help="LALIC backends, each with optional +v1 / +bf16 modifiers (default: %(default)s)",
+        help="LALIC backends, each with optional +v1 / +bf16 / +exact modifiers (default: %(default)s)",
     )
     parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per codec and size (default 5)")
