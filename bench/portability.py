@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary = compare(reference, run_decoder(folder, decoder))
                 rows[decoder.name][version] = {key: len(names) for key, names in summary.items()}
         for version, precision in columns:
-            # the reference: eager torch in this process's environment, then each runtime in its own
+            # the reference: eager torch, 2 threads, then each runtime; every one in its own process
             mine = run_encoder(Path(tmp) / f"ref-v{version}-{precision}", REFERENCE, precision, version,
                                images, args.qualities)  # fmt: skip
             for runtime in tqdm(runtimes, desc=f"version {version}, g_a {precision}: encoders"):

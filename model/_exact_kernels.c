@@ -7,15 +7,14 @@
  *
  * Rules that keep the bits (the module docstring of model/fixedpoint.py says why they are enough):
  * - built with -ffp-contract=off and without -ffast-math: no FMA contraction, no reassociation of
- *   floating-point sums (the only sums reordered here are of integers, or of integer-valued doubles
- *   below 2**53, which are exact in any order);
+ *   floating-point sums (the only sums reordered here are of integers, in int32/int64 or as
+ *   integer-valued float32 below 2**24, which are exact in any order);
  * - rounding to integers with rintf/rint (round half to even, the default mode, like torch.round);
  * - powers of two built from exponent bits (pow2f), as fixedpoint.pow2 does.
  * Every hot function is compiled for x86-64-v4 (AVX-512), v3 (AVX2) and baseline x86-64 (target_clones)
  * and picked at load time; all three give the same bits. Loops over rows, pixels or channels run on
  * OpenMP threads (torch's own libgomp, already loaded): each output is computed by one thread with
- * the same operations, so the thread count changes no bit (the only cross-thread reduction is an
- * integer maximum).
+ * the same operations, so the thread count changes no bit (no reduction crosses threads).
  *
  * The functions take data pointers as integers (from torch.Tensor.data_ptr()) and trust their
  * caller (model/fixedpoint.py) for dtypes, shapes and contiguity. They release the GIL.
@@ -40,6 +39,9 @@ static int omp_get_thread_num(void) { return 0; }
 #endif
 
 typedef int64_t i64;
+
+/* malloc that never asks for zero bytes (which may return NULL: not an out-of-memory). */
+static void *alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
 
 /* Below this many elements a loop stays on the calling thread (a parallel region costs microseconds). */
 #define PARALLEL_MIN 16384
@@ -131,11 +133,11 @@ MULTIVERSION static void quantize_rows_kernel(const float *x, i64 rows, i64 cols
 
 /* ExactLinear's output: float32(cross + 128 hi) * 2**(7 - s) * scale + bias (scale_and_bias). */
 MULTIVERSION static void rescale_kernel(const int32_t *cross, const int32_t *hi, i64 rows, i64 cols,
-                                        const int32_t *shifts, i64 rows_per_shift, const float *scale,
-                                        const float *bias, float *out) {
+                                        const int32_t *shifts, const float *scale, const float *bias,
+                                        float *out) {
 #pragma omp parallel for schedule(static) if (rows * cols > PARALLEL_MIN)
     for (i64 i = 0; i < rows; i++) {
-        float p = pow2f(7 - shifts[i / rows_per_shift]);
+        float p = pow2f(7 - shifts[i]);
         const int32_t *c = cross + i * cols, *h = hi + i * cols;
         float *o = out + i * cols;
         if (bias) {
@@ -216,10 +218,10 @@ static inline void gate_row(const float *sigmoid_table, int32_t sigmoid_span, in
     }
 }
 
-MULTIVERSION static void sigmoid_gate_kernel(TABLE_PARAMS, const float *gate, i64 gate_stride, const float *value,
-                                             const float *gamma, const float *residual, i64 rows, i64 cols,
-                                             float *restrict out) {
-    (void)exp_high, (void)exp_low, (void)exp_limit, (void)exp_offset, (void)exp_low_bits;
+MULTIVERSION static void sigmoid_gate_kernel(const float *sigmoid_table, int32_t sigmoid_span,
+                                             int32_t sigmoid_frac_bits, const float *gate, i64 gate_stride,
+                                             const float *value, const float *gamma, const float *residual,
+                                             i64 rows, i64 cols, float *restrict out) {
 #pragma omp parallel for schedule(static) if (rows * cols > PARALLEL_MIN)
     for (i64 i = 0; i < rows; i++)
         gate_row(sigmoid_table, sigmoid_span, sigmoid_frac_bits, gate + i * gate_stride, value + i * cols, gamma,
@@ -464,11 +466,10 @@ static PyObject *py_quantize_rows(PyObject *self, PyObject *args) {
 
 static PyObject *py_rescale(PyObject *self, PyObject *args) {
     unsigned long long cross, hi, shifts, scale, bias, out;
-    long long rows, cols, rows_per_shift;
-    if (!PyArg_ParseTuple(args, "KKLLKLKKK", &cross, &hi, &rows, &cols, &shifts, &rows_per_shift, &scale, &bias, &out))
-        return NULL;
+    long long rows, cols;
+    if (!PyArg_ParseTuple(args, "KKLLKKKK", &cross, &hi, &rows, &cols, &shifts, &scale, &bias, &out)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    rescale_kernel(PTR(cross), PTR(hi), rows, cols, PTR(shifts), rows_per_shift, PTR(scale), PTR(bias), PTR(out));
+    rescale_kernel(PTR(cross), PTR(hi), rows, cols, PTR(shifts), PTR(scale), PTR(bias), PTR(out));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -491,7 +492,7 @@ static PyObject *py_sigmoid_gate(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KLKKKLLK", &gate, &gate_stride, &value, &gamma, &residual, &rows, &cols, &out))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    sigmoid_gate_kernel(TABLE_ARGS(tables), PTR(gate), gate_stride, PTR(value), PTR(gamma), PTR(residual), rows, cols, PTR(out));
+    sigmoid_gate_kernel(tables.sigmoid, tables.sigmoid_span, tables.sigmoid_frac_bits, PTR(gate), gate_stride, PTR(value), PTR(gamma), PTR(residual), rows, cols, PTR(out));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -505,10 +506,10 @@ static PyObject *py_biwkv(PyObject *self, PyObject *args) {
         return NULL;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    int32_t *keys = malloc(sizeof(int32_t) * (t_len * c_len > 8 * c_len ? t_len * c_len : 8 * c_len));
-    float *rel = malloc(sizeof(float) * t_len * c_len);
-    float *scales = malloc(sizeof(float) * 4 * c_len);
-    i64 *totals = malloc(sizeof(i64) * 7 * c_len);
+    int32_t *keys = alloc(sizeof(int32_t) * (t_len * c_len > 8 * c_len ? t_len * c_len : 8 * c_len));
+    float *rel = alloc(sizeof(float) * t_len * c_len);
+    float *scales = alloc(sizeof(float) * 4 * c_len);
+    i64 *totals = alloc(sizeof(i64) * 7 * c_len);
     if (!keys || !rel || !scales || !totals) {
         failed = 1;
     } else {
@@ -545,7 +546,7 @@ static PyObject *py_depthwise(PyObject *self, PyObject *args) {
         return NULL;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    float *digits = malloc(sizeof(float) * 2 * h * w * c_len);
+    float *digits = alloc(sizeof(float) * 2 * h * w * c_len);
     if (!digits) {
         failed = 1;
     } else {
@@ -570,7 +571,7 @@ static PyObject *py_conv_rows(PyObject *self, PyObject *args) {
         return NULL;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    int8_t *maps = malloc(2 * c_len * h * w);
+    int8_t *maps = alloc(2 * c_len * h * w);
     if (!maps) {
         failed = 1;
     } else {
@@ -590,7 +591,7 @@ static PyObject *py_conv_rows(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"set_tables", py_set_tables, METH_VARARGS, "Point the kernels at fixedpoint's exp and sigmoid tables."},
     {"quantize_rows", py_quantize_rows, METH_VARARGS, "block_quantize per row and int8_digit_rows."},
-    {"rescale", py_rescale, METH_VARARGS, "float32(cross + 128 hi) * 2**(7 - s) * scale + bias."},
+    {"rescale", py_rescale, METH_VARARGS, "float32(cross + 128 hi) * 2**(7 - s) * scale + bias, s per row."},
     {"layer_norm", py_layer_norm, METH_VARARGS, "fixedpoint.layer_norm per row."},
     {"sigmoid_gate", py_sigmoid_gate, METH_VARARGS, "x + sigmoid(gate) * value [* gamma]."},
     {"biwkv", py_biwkv, METH_VARARGS, "sigmoid(r) * BiWKV(k, v) on channels-last [k | v | r]."},

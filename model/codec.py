@@ -311,7 +311,9 @@ class Codec:
     def _to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
         h, w = images[0].shape[:2]
         hp, wp = padded_size(h, w)
-        x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        # pixels / 255 on the CPU, correctly rounded (CUDA would multiply by the reciprocal: other
+        # bits, and exact analysis promises the same latents on every device)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0).to(self.device)
         return F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
 
     @torch.inference_mode()
@@ -339,6 +341,11 @@ class Codec:
         q = self._check_quality(quality)
         if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
+        if refine_steps and self.analysis_precision == EXACT_PRECISION:
+            raise ValueError(
+                "refine_steps follows float32 gradients, so its streams would differ between machines: "
+                "it cannot be combined with analysis precision exact"
+            )
         orientations = _check_orientations(orientations)
         if not images:
             return []

@@ -3,7 +3,7 @@
 Everything the decoder computes before it knows a symbol, h_s (Sec. 3.1), the channel-context
 networks with their Bi-RWKV blocks (Sec. 3.2-3.3), the checkerboard convolutions and the parameter
 networks (Sec. 3.3), runs here on the kernels of :mod:`model.fixedpoint`, built once from a trained
-:class:`~model.lalic.LALIC`: weights become per-channel 16-bit block floating point, products are
+:class:`~model.lalic.LALIC`: weights become per-channel 14-bit block floating point, products are
 exact, and every nonlinearity (LayerNorm, sigmoid, squared ReLU, BiWKV's exponentials) has one
 defined rounding. The scales and means, hence the table indexes and ``y_hat = symbol + mean``, are
 then the same bits on every CPU, thread count, batch size, backend and device.
@@ -280,8 +280,9 @@ class _Conv:
     """A strided convolution of g_a or h_a (``nn.Conv2d``) on the reproducible kernels."""
 
     def __init__(self, layer: nn.Conv2d, where: str) -> None:
-        if layer.stride[0] != layer.stride[1] or layer.padding[0] != layer.padding[1]:
-            raise ValueError(f"{where}: square strides and paddings only")
+        plain = layer.groups == 1 and layer.dilation == (1, 1) and layer.padding_mode == "zeros"
+        if layer.stride[0] != layer.stride[1] or layer.padding[0] != layer.padding[1] or not plain:
+            raise ValueError(f"{where}: square strides and zero paddings only, no groups or dilation")
         weight = layer.weight.detach()
         self.conv = fx.ExactConv2d(weight, layer.bias, layer.padding[0], where=where, stride=layer.stride[0])
 

@@ -20,6 +20,8 @@ accumulation, and nonlinearities with one defined rounding. The rules:
    operations that the standard requires to be correctly rounded (+, -, *, /, sqrt,
    round-half-even, comparisons), one PyTorch operation each (no fused kernels, so no FMA
    contraction), or exact integer arithmetic (sums, prefix sums, shifts). Activations are float32.
+   The C kernels of ``model/_exact_kernels.c`` fuse these steps for the CPU without changing them
+   (compiled without FMA contraction or fast-math; tests compare the bits with this reference).
 3. **No library transcendentals.** ``exp`` (and with it sigmoid) is looked up in two tables built
    with Python's :mod:`decimal` (correctly rounded, pure software) on a 2**-16 grid: :func:`exp_units`.
 4. **Exact scaling.** Powers of two are built from their exponent bits (:func:`pow2`); no division by
@@ -127,7 +129,7 @@ def _native_tables() -> None:
 
 
 def _rows(x: Tensor) -> Tensor:
-    """``x`` as (rows, last dim) float32 with unit stride along the last dim, as a view where one exists."""
+    """``x`` as (rows, last dim) with unit stride along the last dim, as a view where one exists."""
     try:
         rows = x.view(-1, x.shape[-1])
     except RuntimeError:
@@ -257,12 +259,15 @@ def sigmoid(x: Tensor) -> Tensor:
 def gated_residual(x: Tensor, gate: Tensor, value: Tensor, gamma: Tensor | None = None) -> Tensor:
     """``x + sigmoid(gate) * value`` (times ``gamma`` per channel before the sum, if given): the
     gated residual of the Channel Mix (Eq. 4) and of the parameter networks. Shapes (..., C)."""
-    if _use_native(x, gate, value):
+    same_shape = x.shape == gate.shape == value.shape and (gamma is None or gamma.shape == x.shape[-1:])
+    if same_shape and _use_native(x, gate, value, *([] if gamma is None else [gamma])):
         _native_tables()
-        xs, gs, vs = x.contiguous(), _rows(gate), value.contiguous()
+        f32 = lambda t: t.to(torch.float32)  # noqa: E731
+        xs, gs, vs = f32(x).contiguous(), _rows(f32(gate)), f32(value).contiguous()
+        gs_gamma = None if gamma is None else f32(gamma).contiguous()  # kept alive during the call
         out = torch.empty_like(xs)
         rows, cols = gs.shape
-        g = 0 if gamma is None else gamma.contiguous().data_ptr()
+        g = 0 if gs_gamma is None else gs_gamma.data_ptr()
         _native.sigmoid_gate(
             gs.data_ptr(), gs.stride(0), vs.data_ptr(), g, xs.data_ptr(), rows, cols, out.data_ptr()
         )
@@ -378,7 +383,7 @@ def native_product(
         stop = min(rows, start + PRODUCT_ROWS)
         cross, high = product.int32_parts(digits[start:stop])
         _native.rescale(
-            cross.data_ptr(), high.data_ptr(), stop - start, out.shape[1], shifts[start:stop].data_ptr(), 1,
+            cross.data_ptr(), high.data_ptr(), stop - start, out.shape[1], shifts[start:stop].data_ptr(),
             scale.data_ptr(), b, out[start:stop].data_ptr(),
         )  # fmt: skip
     return out
@@ -403,7 +408,7 @@ class ExactLinear:
 
     def __call__(self, x: Tensor, use_int8: bool | None = None, square_relu: bool = False) -> Tensor:
         """The layer on ``x`` (..., in), or on ``relu(x)**2`` with ``square_relu`` (Channel Mix, Eq. 4)."""
-        if use_int8 is not False and _use_native(x):
+        if use_int8 is not False and _use_native(x, self.scale):
             return self._native(x, square_relu)
         if square_relu:
             x = x.relu()
@@ -471,8 +476,9 @@ class ExactConv2d:
             raise ValueError(f"{where}: square kernels only, got {tuple(weight.shape)}")
         if groups not in (1, out_ch) or (groups != 1 and in_per_group != 1):
             raise ValueError(f"{where}: groups must be 1 or depthwise, got {groups}")
-        if stride != 1 and groups != 1:
-            raise ValueError(f"{where}: depthwise convolutions have stride 1, got {stride}")
+        if groups != 1 and (stride != 1 or 2 * padding != kernel - 1 or kernel > 5):
+            # k*k products of a 7-bit digit and a 14-bit weight: exact in float32 sums up to 5x5
+            raise ValueError(f"{where}: depthwise convolutions are 'same' (stride 1), at most 5x5")
         q, scale = quantize_weight(weight)
         self.kernel, self.padding, self.groups, self.stride = kernel, padding, groups, stride
         self.scale = scale
@@ -537,8 +543,8 @@ class ExactConv2d:
         return acc.view(b, ho, wo, -1)
 
     def __call__(self, x: Tensor, native: bool | None = None) -> Tensor:
-        """The convolution of ``x`` (B, C, H, W) as a channels-last ``(B, H, W, out)`` float32 map."""
-        if native is not False and _use_native(x):
+        """The convolution of ``x`` (B, C, H, W) as a channels-last ``(B, H', W', out)`` float32 map."""
+        if native is not False and _use_native(x, self.scale):
             return self._fused(x.to(torch.float32))
         if native is None:
             native = use_int8_products(x.device)
@@ -567,7 +573,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     width = x.shape[-1]
     if width > MAX_NORM_WIDTH:
         raise ValueError(f"layer_norm: at most {MAX_NORM_WIDTH} channels, got {width}")
-    if _use_native(x):
+    if _use_native(x, weight, bias):
         xs = x.to(torch.float32).contiguous()
         out = torch.empty_like(xs)
         _native.layer_norm(
@@ -635,7 +641,8 @@ class BiWKV:
 
     def _profiles_by_token(self, t: int) -> tuple[Tensor, ...]:
         """:meth:`profiles` for the C kernel: ``e^{i w}`` and ``e^{-i w}`` for i = -1 .. T, (T + 2, C)
-        each (the four profiles are rows of these two, shifted by one), and ``e^u`` (C,). Kept for the
+        each (the four profiles are row ranges of these two: ``e^{t w}`` from row 1, ``e^{-t w}``
+        from row 1, ``e^{-(t-1) w}`` from row 0, ``e^{(t+1) w}`` from row 2), and ``e^u`` (C,). Kept for the
         last ``T`` while they are small (:data:`PROFILE_CACHE_LIMIT` values); recomputed otherwise, so
         that a large image leaves no large cache behind."""
         if self._by_token is not None and self._by_token[0] == t:
@@ -651,11 +658,11 @@ class BiWKV:
         the Spatial Mix's receptance gate (Eq. 2) on this module's output."""
         b, t, c3 = kvr.shape
         c = c3 // 3
-        if _use_native(kvr):
+        if _use_native(kvr, self.decay):
             _native_tables()
             x = kvr.to(torch.float32).contiguous()
             up, down, own = self._profiles_by_token(t)  # rows i = -1 .. T
-            row = 4 * c  # bytes of one row of float32
+            row = up.stride(0) * up.element_size()  # bytes per row
             out = torch.empty((b, t, c), dtype=torch.float32)
             _native.biwkv(
                 x.data_ptr(), b, t, c,

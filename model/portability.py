@@ -202,7 +202,7 @@ def run_encoder(
     cmd = [
         *("encode", str(folder), "--backend", runtime.backend, "--threads", str(runtime.threads)),
         *("--analysis-precision", analysis_precision, "--stream-version", str(stream_version)),
-        *("--images", *images, "--qualities", *(f"{q:g}" for q in qualities)),
+        *("--images", *images, "--qualities", *(repr(float(q)) for q in qualities)),
     ]
     return _run_module(cmd, runtime, timeout)
 
@@ -283,6 +283,8 @@ def run_matrix(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from model.stages import ANALYSIS_PRECISIONS
+
     parser = argparse.ArgumentParser(prog="python -m model.portability", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     dec = sub.add_parser("decode", help="decode every *.lalic stream of a folder; print one JSON line")
@@ -298,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     enc.add_argument(
         "--analysis-precision",
         default="float32",
-        help="g_a's precision: float32, bfloat16 or exact (byte-identical streams on every runtime)",
+        choices=ANALYSIS_PRECISIONS,
+        help="g_a's precision (exact: byte-identical streams on every runtime)",
     )
     enc.add_argument("--stream-version", type=int, default=2, help="container version (default 2)")
     enc.add_argument("--images", nargs="+", default=list(CORPUS_IMAGES), help="Kodak image names")

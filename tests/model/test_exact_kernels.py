@@ -142,11 +142,11 @@ def test_nan_inputs_do_not_crash() -> None:
     assert fx.gated_residual(torch.zeros(3), torch.full((3,), float("nan")), torch.ones(3)).shape == (3,)
 
 
-def _baseline_build(tmp: Path) -> object:
-    """The same C file built for baseline x86-64 (SSE2, no clones, no OpenMP), beside the installed one."""
+def _build(tmp: Path, march: str) -> object:
+    """The same C file built for one instruction set (no clones, no OpenMP), beside the installed one."""
     include = sysconfig.get_paths()["include"]
     target = tmp / ("_exact_kernels" + importlib.machinery.EXTENSION_SUFFIXES[0])
-    flags = ["-O2", "-march=x86-64", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+    flags = ["-O3", f"-march={march}", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
     defines = ["-DLALIC_NO_CLONES", "-Wno-unknown-pragmas", f"-I{include}"]
     subprocess.run(["gcc", *flags, *defines, str(SOURCE), "-o", str(target)], check=True)
     spec = importlib.util.spec_from_file_location("_exact_kernels", target)
@@ -156,8 +156,10 @@ def _baseline_build(tmp: Path) -> object:
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
-def test_a_baseline_x86_64_build_gives_the_same_bits(tmp_path: Path, monkeypatch) -> None:
-    """What a CPU without AVX2 or AVX-512 runs (the clones are picked by CPU) equals this CPU's."""
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_builds_for_older_cpus_give_the_same_bits(tmp_path: Path, monkeypatch, march: str) -> None:
+    """What a CPU without AVX2 (x86-64: SSE2) or without AVX-512 (x86-64-v3: AVX2) runs equals
+    this CPU's (the installed clones are picked by the CPU, so no environment variable reaches them)."""
     gen = torch.Generator().manual_seed(8)
     linear = fx.ExactLinear(torch.randn(64, 96, generator=gen), torch.randn(64, generator=gen))
     depthwise = fx.ExactConv2d(torch.randn(96, 1, 5, 5, generator=gen), None, 2, groups=96)
@@ -180,7 +182,7 @@ def test_a_baseline_x86_64_build_gives_the_same_bits(tmp_path: Path, monkeypatch
         ]
 
     installed = outputs()
-    monkeypatch.setattr(fx, "_native", _baseline_build(tmp_path))
+    monkeypatch.setattr(fx, "_native", _build(tmp_path, march))
     fx._native_tables.cache_clear()
     try:
         baseline = outputs()
@@ -269,3 +271,63 @@ def test_products_in_row_chunks_give_the_same_bits(monkeypatch) -> None:
     conv = fx.ExactConv2d(torch.randn(12, 5, 3, 3, generator=gen), None, 1, stride=2)
     image = torch.randn(2, 5, 9, 7, generator=gen) * torch.tensor([1e3, 1e-3])[:, None, None, None]
     same_bits(lambda: conv(image))
+
+
+def test_integer_sums_convert_to_float32_correctly_rounded() -> None:
+    """BiWKV's prefix sums (up to 2**61) become float32 in one rounding in C; the reference relies on
+    torch's int64 -> float32 conversion doing the same (through double it would round twice)."""
+    # one above a float32 halfway point: through double the 1 is lost, and ties-to-even rounds down
+    halfway = [2**60 + 2**36 + 1, -(2**60 + 2**36 + 1), 2**55 + 2**31 + 1, 3 * 2**58 + 2**35 + 1]
+    got = torch.tensor(halfway * 16, dtype=torch.int64).to(torch.float32)[:4].tolist()
+    want = [2.0**60 + 2**37, -(2.0**60 + 2**37), 2.0**55 + 2**32, 3 * 2.0**58 + 2**36]
+    assert got == want
+    assert float(np.float32(halfway[0])) == 2.0**60  # numpy converts through double: the trap
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_the_reference_decodes_the_corpus_under_other_cpu_capabilities(capability: str) -> None:
+    """The PyTorch reference (what runs where the extension is missing) under PyTorch's other
+    kernel sets, in a fresh process: the corpus's recorded latents."""
+    import json
+    import os
+    import sys
+
+    from model.paths import REPO_ROOT
+    from model.portability import CORPUS_DIR
+
+    names = ["kodim04-q1.lalic", "kodim23-q6.lalic"]
+    script = (
+        "import json, sys, model.fixedpoint as fx\n"
+        "from model.codec import Codec\n"
+        "from model.portability import CORPUS_DIR, latent_digest\n"
+        "codec = Codec.from_pretrained()\n"
+        "decode = lambda n: latent_digest(codec.decode_latents((CORPUS_DIR / n).read_bytes())[0])\n"
+        "with fx.reference_kernels():\n"
+        f"    print(json.dumps({{n: decode(n) for n in {names}}}))\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=REPO_ROOT, check=True
+    )
+    expected = json.loads((CORPUS_DIR / "expected.json").read_text())["y_hat"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {n: expected[n] for n in names}
+
+
+def test_unsupported_uses_are_refused_or_fall_back() -> None:
+    """Depthwise convolutions the exact sums cannot hold are refused; a broadcast gated residual
+    runs the reference (the C kernel assumes equal shapes); exact analysis refuses refinement."""
+    with pytest.raises(ValueError, match="at most 5x5"):
+        fx.ExactConv2d(torch.randn(4, 1, 7, 7), None, 3, groups=4)
+    with pytest.raises(ValueError, match="at most 5x5"):
+        fx.ExactConv2d(torch.randn(4, 1, 5, 5), None, 1, groups=4)
+    gen = torch.Generator().manual_seed(13)
+    x, gate, value = (
+        torch.randn(1, 1, 8, generator=gen),
+        torch.randn(1, 5, 8, generator=gen),
+        torch.randn(1, 5, 8, generator=gen),
+    )
+    same_bits(lambda: fx.gated_residual(x, gate, value))
+    assert fx.gated_residual(x, gate, value).shape == (1, 5, 8)
+    codec = Codec.from_pretrained(analysis_precision="exact")
+    with pytest.raises(ValueError, match="refine_steps"):
+        codec.compress(np.zeros((64, 64, 3), np.uint8), 3, refine_steps=2)
