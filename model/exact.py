@@ -41,6 +41,10 @@ LATENT_LIMIT = 1 << 20
 corrupt stream and are refused (real images stay below a few hundred)."""
 
 
+GAIN_CACHE_SIZE = 64
+"""Gain vectors :class:`ExactAnalysis` keeps (one per quality seen; a client may send any fraction)."""
+
+
 class LatentRangeError(ValueError):
     """A latent outside :data:`LATENT_LIMIT`: the codec reports it as a corrupt stream."""
 
@@ -330,6 +334,8 @@ class ExactAnalysis:
         if self._log_gain is None:
             return None
         if quality not in self._gains:
+            if len(self._gains) >= GAIN_CACHE_SIZE:  # fractional qualities are many: keep a few
+                self._gains.clear()
             self._gains[quality] = exact_gain(self._log_gain, quality).to(device)
         return self._gains[quality]
 

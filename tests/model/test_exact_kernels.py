@@ -331,3 +331,13 @@ def test_unsupported_uses_are_refused_or_fall_back() -> None:
     codec = Codec.from_pretrained(analysis_precision="exact")
     with pytest.raises(ValueError, match="refine_steps"):
         codec.compress(np.zeros((64, 64, 3), np.uint8), 3, refine_steps=2)
+
+
+def test_the_gain_cache_stays_small() -> None:
+    """A client may send any fractional quality: exact analysis keeps at most GAIN_CACHE_SIZE gains."""
+    from model.exact import GAIN_CACHE_SIZE, exact_analysis
+
+    analysis = exact_analysis(Codec.from_pretrained().net)
+    for i in range(3 * GAIN_CACHE_SIZE):
+        assert analysis._gain(1 + i / 1000, torch.device("cpu")) is not None
+    assert 0 < len(analysis._gains) <= GAIN_CACHE_SIZE
