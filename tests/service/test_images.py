@@ -77,3 +77,46 @@ def test_mangled_images_only_give_client_errors(
         assert exc.status in (400, 413)
     else:
         assert image.ndim == 3 and image.shape[2] == 3
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    from model.image import to_rgb
+
+    with Image.open(io.BytesIO(data)) as image:
+        return to_rgb(image)
+
+
+def test_plain_png_takes_libpng_and_every_png_decodes_as_pillow_does(monkeypatch) -> None:
+    """8-bit RGB PNGs without orientation, animation or transparency are decoded by libpng
+    (imagecodecs, about half of Pillow's time at 768x512); the pixels are Pillow's, and every
+    other PNG (16-bit, palette, grey, tRNS, alpha, EXIF orientation) still goes through Pillow."""
+    import imagecodecs
+
+    import service.images as images
+
+    calls: list[int] = []
+
+    def spy(data: bytes, *args, **kwargs):
+        calls.append(1)
+        return imagecodecs.png_decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(images.imagecodecs, "png_decode", spy)
+    rgb = test_image(30, 40, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
+    cases = {
+        "plain": (encode(rgb), True),
+        "16-bit": (imagecodecs.png_encode(rgb.astype(np.uint16) * 257 + 3), False),
+        "palette": (encode(Image.fromarray(rgb).quantize(16)), False),
+        "grey": (encode(Image.fromarray(rgb[..., 0])), False),
+        "tRNS": (encode(Image.fromarray(rgb), transparency=(0, 0, 0)), False),
+        "alpha": (encode(rgba), False),
+        "orientation": (encode(Image.fromarray(rgb), exif=exif.tobytes()), False),
+    }
+    limits = {"max_pixels": 10_000, "min_side": 2}
+    for name, (data, fast) in cases.items():
+        calls.clear()
+        assert np.array_equal(decode_image(data, **limits), _pillow_rgb(data)), name
+        assert bool(calls) == fast, name
+    assert decode_image(cases["orientation"][0], **limits).shape == (40, 30, 3)
