@@ -264,10 +264,10 @@ def gated_residual(x: Tensor, gate: Tensor, value: Tensor, gamma: Tensor | None 
         _native_tables()
         f32 = lambda t: t.to(torch.float32)  # noqa: E731
         xs, gs, vs = f32(x).contiguous(), _rows(f32(gate)), f32(value).contiguous()
-        gs_gamma = None if gamma is None else f32(gamma).contiguous()  # kept alive during the call
+        gamma32 = None if gamma is None else f32(gamma).contiguous()  # kept alive during the call
         out = torch.empty_like(xs)
         rows, cols = gs.shape
-        g = 0 if gs_gamma is None else gs_gamma.data_ptr()
+        g = 0 if gamma32 is None else gamma32.data_ptr()
         _native.sigmoid_gate(
             gs.data_ptr(), gs.stride(0), vs.data_ptr(), g, xs.data_ptr(), rows, cols, out.data_ptr()
         )
@@ -605,53 +605,40 @@ class BiWKV:
     :func:`exp_units` with its argument rounded to 2**-16 (``i w`` as ``round(i decay / T)``);
     the terms are converted to int64 fixed point with one exponent per row (62 bits for the
     whole row sum) and summed with exact integer prefix sums. Since ``|i w| <= |decay|``, no term
-    exceeds ``e^{|decay|}``. The decay profiles depend only on ``T`` and are kept for the last one.
+    exceeds ``e^{|decay|}``. The decay profiles depend only on ``T`` and are kept for the last one
+    (:meth:`_exponentials`).
     """
 
     def __init__(self, decay: Tensor, boost: Tensor) -> None:
         self.decay = to_fixed_units(decay)  # (C,) int64
         self.boost = to_fixed_units(boost)
-        self._profiles: tuple[int, tuple[Tensor, ...]] | None = None
         self._by_token: tuple[int, tuple[Tensor, ...]] | None = None
 
     def to(self, device: torch.device | str) -> BiWKV:
         self.decay, self.boost = self.decay.to(device), self.boost.to(device)
-        self._profiles = self._by_token = None
+        self._by_token = None
         return self
 
-    def _steps(self, t: int, by_token: bool) -> Tensor:
-        """``i * decay / T`` on the 2**-16 grid for i = -1 .. T, clamped: int32 (C, T + 2), or
-        (T + 2, C) ``by_token``."""
-        steps = torch.arange(-1, t + 1, device=self.decay.device, dtype=torch.int64)
-        products = steps[:, None] * self.decay[None, :] if by_token else steps[None, :] * self.decay[:, None]
-        return round_div(products, t).clamp_(-_EXP_LIMIT, _EXP_LIMIT).to(torch.int32)
-
-    def _own(self, t: int) -> Tensor:
-        """``e^u`` (C,)."""
-        return exp_units(round_div(self.boost, t).clamp_(-_EXP_LIMIT, _EXP_LIMIT).to(torch.int32))
-
-    def profiles(self, t: int) -> tuple[Tensor, ...]:
-        """``e^{i w}``, ``e^{-i w}``, ``e^{-(t-1) w}``, ``e^{(t+1) w}`` (C, T) and ``e^u`` (C, 1), float32."""
-        if self._profiles is None or self._profiles[0] != t:
-            iw = self._steps(t, by_token=False)
-            inner = iw[:, 1:-1]
-            exps = (exp_units(inner), exp_units(-inner), exp_units(-iw[:, :-2]), exp_units(iw[:, 2:]))
-            self._profiles = (t, (*exps, self._own(t)[:, None]))
-        return self._profiles[1]
-
-    def _profiles_by_token(self, t: int) -> tuple[Tensor, ...]:
-        """:meth:`profiles` for the C kernel: ``e^{i w}`` and ``e^{-i w}`` for i = -1 .. T, (T + 2, C)
-        each (the four profiles are row ranges of these two: ``e^{t w}`` from row 1, ``e^{-t w}``
-        from row 1, ``e^{-(t-1) w}`` from row 0, ``e^{(t+1) w}`` from row 2), and ``e^u`` (C,). Kept for the
-        last ``T`` while they are small (:data:`PROFILE_CACHE_LIMIT` values); recomputed otherwise, so
-        that a large image leaves no large cache behind."""
+    def _exponentials(self, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``e^{i w}`` and ``e^{-i w}`` for i = -1 .. T, (T + 2, C) each, and ``e^u`` (C,), float32:
+        every profile is a row range of the first two. Kept for the last ``T`` while they are small
+        (:data:`PROFILE_CACHE_LIMIT` values); recomputed otherwise, so that a large image leaves no
+        large cache behind."""
         if self._by_token is not None and self._by_token[0] == t:
             return self._by_token[1]
-        iw = self._steps(t, by_token=True)
-        result = (exp_units(iw), exp_units(-iw), self._own(t))
+        steps = torch.arange(-1, t + 1, device=self.decay.device, dtype=torch.int64)
+        grid = lambda a: round_div(a, t).clamp_(-_EXP_LIMIT, _EXP_LIMIT).to(torch.int32)  # noqa: E731
+        iw = grid(steps[:, None] * self.decay[None, :])  # i * decay / T on the 2**-16 grid
+        result = (exp_units(iw), exp_units(-iw), exp_units(grid(self.boost)))
         if iw.numel() <= PROFILE_CACHE_LIMIT:
             self._by_token = (t, result)
         return result
+
+    def profiles(self, t: int) -> tuple[Tensor, ...]:
+        """``e^{i w}``, ``e^{-i w}``, ``e^{-(t-1) w}``, ``e^{(t+1) w}`` (C, T) and ``e^u`` (C, 1), float32
+        (views of :meth:`_exponentials`)."""
+        up, down, own = self._exponentials(t)
+        return up[1:-1].t(), down[1:-1].t(), down[:-2].t(), up[2:].t(), own[:, None]
 
     def gated(self, kvr: Tensor) -> Tensor:
         """``sigmoid(r) * wkv(k, v)`` for a channels-last ``[k | v | r]`` (B, T, 3C) -> (B, T, C):
@@ -661,7 +648,7 @@ class BiWKV:
         if _use_native(kvr, self.decay):
             _native_tables()
             x = kvr.to(torch.float32).contiguous()
-            up, down, own = self._profiles_by_token(t)  # rows i = -1 .. T
+            up, down, own = self._exponentials(t)  # rows i = -1 .. T
             row = up.stride(0) * up.element_size()  # bytes per row
             out = torch.empty((b, t, c), dtype=torch.float32)
             _native.biwkv(
