@@ -16,7 +16,7 @@ export MALLOC_ARENA_MAX := 1
 
 .PHONY: run test lint install deploy-tools gpu-kit clean
 
-$(STAMP): pyproject.toml setup.py model/_exact_kernels.c
+$(STAMP): pyproject.toml setup.py model/_exact_kernels.c model/_transform_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -18,8 +18,10 @@ taken while that is above ~5 % of the machine are not trustworthy on a 2-core ho
 A LALIC backend may carry modifiers after ``+``: ``v1`` writes (and decodes) container version 1,
 the float32 entropy path of releases before 2026-12-06 (the default is version 2, the reproducible
 path); ``bf16`` runs g_a and g_s in bfloat16 (``analysis_precision``, ``synthesis_precision``);
-``exact`` runs g_a and h_a in the reproducible arithmetic (the same bytes from every machine). So
-``torch+v1`` is the codec as it was before issues 38 and 39, and ``torch+bf16`` the fastest today.
+``exact`` runs g_a and h_a in the reproducible arithmetic (the same bytes from every machine);
+``unfused`` keeps PyTorch's chunked BiWKV in g_a and g_s instead of the fused CPU kernel
+(``fused_kernels=False``). So ``torch+v1+unfused`` is the codec as it was before issues 38 and 39,
+and ``torch+bf16`` the fastest today.
 
 LALIC stages (timers inside :class:`model.codec.Codec`): ``analysis`` (g_a with gain),
 ``hyper`` (h_a, z quantisation), ``entropy_parameters`` (h_s and the 10 context/parameter-network
@@ -159,6 +161,7 @@ MODIFIERS = {
     "v1": {"stream_version": 1},
     "bf16": {"analysis_precision": "bfloat16", "synthesis_precision": "bfloat16"},
     "exact": {"analysis_precision": "exact"},
+    "unfused": {"fused_kernels": False},
 }
 """What a ``+modifier`` after a LALIC backend passes to :class:`model.codec.Codec`."""
 
@@ -650,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=LALIC_BACKENDS,
         type=_variant_arg,
-        help="LALIC backends, each with optional +v1 / +bf16 / +exact modifiers (default: %(default)s)",
+        help="LALIC backends, each with optional +v1 / +bf16 / +exact / +unfused modifiers "
+        "(default: %(default)s)",
     )
     parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per codec and size (default 5)")

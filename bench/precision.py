@@ -5,9 +5,11 @@ Run from the repository root with the venv active, e.g.::
     python bench/precision.py                        # shipped weights, torch, 24 images x 6 qualities
     python bench/precision.py --limit 4 --qualities 6 --out /tmp/precision
 
-Every Kodak image is compressed per quality by a float32 codec and by one per g_a precision of
-``--analysis-precisions`` (bfloat16, and exact: the reproducible arithmetic of the entropy path).
-The float32 stream is decoded by a float32 and a bfloat16 codec (``synthesis_precision``): per
+Every Kodak image is compressed per quality by a float32 codec (the network as trained: PyTorch's
+BiWKV, ``fused_kernels=False``) and by one per g_a precision of ``--analysis-precisions`` (float32
+and bfloat16 on the fused BiWKV kernel, and exact: the reproducible arithmetic of the entropy path;
+``--unfused`` keeps PyTorch's BiWKV in these too).
+The float32 stream is decoded by the float32 codec and by a bfloat16 one (``synthesis_precision``): per
 quality, the mean and the worst PSNR change (bfloat16 minus float32, dB) and the largest pixel
 difference. Each other encoder's stream is decoded in float32: per
 quality, its rate change (total bytes) and mean PSNR change against the float32 encoder's. Then
@@ -48,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--analysis-precisions",
         nargs="+",
-        default=["bfloat16", "exact"],
-        help="g_a precisions compared with float32 (default bfloat16 exact)",
+        default=["float32", "bfloat16", "exact"],
+        help="g_a precisions compared with float32 (default %(default)s; float32 here: the fused kernel)",
+    )
+    parser.add_argument(
+        "--unfused", action="store_true", help="PyTorch's BiWKV in the compared codecs too (no fused kernel)"
     )
     parser.add_argument("--out", type=Path, default=None, help="write precision.{json,md} here")
     args = parser.parse_args(argv)
@@ -60,18 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     from model.codec import Codec
 
     torch.set_num_threads(args.threads)
+    fused = not args.unfused
     codecs = {
-        p: Codec.from_pretrained(backend=args.backend, synthesis_precision=p) for p in ("float32", "bfloat16")
+        "float32": Codec.from_pretrained(backend=args.backend, fused_kernels=False),
+        "bfloat16": Codec.from_pretrained(
+            backend=args.backend, synthesis_precision="bfloat16", fused_kernels=fused
+        ),
     }
     encoders = {"float32": codecs["float32"]} | {
-        p: Codec.from_pretrained(backend=args.backend, analysis_precision=p) for p in args.analysis_precisions
+        p: Codec.from_pretrained(backend=args.backend, analysis_precision=p, fused_kernels=fused)
+        for p in args.analysis_precisions
+        if p != "float32"
     }
+    compared = [p for p in args.analysis_precisions if p != "float32"]
+    if "float32" in args.analysis_precisions:  # g_a in float32 on the fused kernel
+        encoders["float32 fused"] = Codec.from_pretrained(backend=args.backend, fused_kernels=fused)
+        compared.append("float32 fused")
     files = sorted(KODAK_DIR.glob("kodim*.png"))[: args.limit]
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     rows = []
     for quality in args.qualities:
         deltas, diffs = [], []
-        encoded: dict[str, list[float]] = {p: [] for p in args.analysis_precisions}
+        encoded: dict[str, list[float]] = {p: [] for p in compared}
         sizes = dict.fromkeys(encoders, 0)
         for image in tqdm(images, desc=f"quality {quality:g}", leave=False):
             stream = codecs["float32"].compress(image, quality)
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             deltas.append(psnr(image, fast) - psnr(image, reference))
             diffs.append(int(np.abs(fast.astype(int) - reference.astype(int)).max()))
             sizes["float32"] += len(stream)
-            for p in args.analysis_precisions:
+            for p in compared:
                 other = encoders[p].compress(image, quality)
                 encoded[p].append(psnr(image, codecs["float32"].decompress(other)) - psnr(image, reference))
                 sizes[p] += len(other)
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                         "mean_dpsnr_db": statistics.mean(encoded[p]),
                         "worst_dpsnr_db": min(encoded[p]),
                     }
-                    for p in args.analysis_precisions
+                    for p in compared
                 },
             }
         )
@@ -128,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- Command: `{meta['command']}`",
         f"- Date: {meta['date']}; machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; "
-        f"backend {args.backend}, {args.threads} torch threads, shipped weights",
+        f"backend {args.backend}, {args.threads} torch threads, shipped weights; float32 reference: "
+        f"PyTorch's BiWKV; the others: {'PyTorch' if args.unfused else 'the fused'} BiWKV",
         "",
         "| quality | images | mean PSNR change dB | worst dB | largest pixel difference |",
         "| --- | --- | --- | --- | --- |",
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for p, t in timing.items():
         lines.append(f"| {p} | {t['decode_ms']:.1f} | {t['synthesis_ms']:.1f} |")
-    for p in args.analysis_precisions:
+    for p in compared:
         lines += [
             "",
             f"g_a in {p}: its streams decoded in float32, against the float32 encoder's:",

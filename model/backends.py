@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model import transform_kernels
 from model.export import (
     FORMAT_VERSION,
     cache_dir,
@@ -143,6 +144,7 @@ def load_stages(
     device: str = "cpu",
     synthesis_precision: str = "float32",
     analysis_precision: str = "float32",
+    fused_kernels: bool = True,
 ) -> Stages:
     """The :class:`Stages` of ``net`` on ``backend``.
 
@@ -150,7 +152,9 @@ def load_stages(
     ``onnxruntime`` loads ``export_dir``, or the per-weights cache, exporting into it first if it
     is missing or stale (about a minute for lalic-s on two cores). Files whose manifest names
     other weights are refused. ``bfloat16`` for g_s or g_a (:class:`model.stages.BFloat16Gained`)
-    needs the in-memory torch or torchscript backend.
+    needs the in-memory torch or torchscript backend. ``fused_kernels``: g_a's and g_s's Spatial Mixes
+    on the fused CPU kernel (:func:`model.stages.stage_modules`) where it was built and the stages
+    run in memory on the CPU; files exported to ``export_dir`` keep the PyTorch formulation.
     """
     check_backend(backend)
     reduced = {"synthesis": synthesis_precision, "analysis": analysis_precision}
@@ -160,13 +164,14 @@ def load_stages(
                 f"{stage} precision {precision} needs backend torch or torchscript without "
                 "export_dir (exported files hold float32 networks)"
             )
+    fused = fused_kernels and torch.device(device).type == "cpu" and transform_kernels.available()
     if backend == "torch":
-        modules = stage_modules(net, synthesis_precision, analysis_precision)
+        modules = stage_modules(net, synthesis_precision, analysis_precision, fused)
         runners: dict[str, Runner] = {n: ModuleRunner(m) for n, m in modules.items()}
         return Stages(runners, backend)
     fmt = "torchscript" if backend == "torchscript" else "onnx"
     if backend == "torchscript" and export_dir is None:
-        modules = stage_modules(net, synthesis_precision, analysis_precision)
+        modules = stage_modules(net, synthesis_precision, analysis_precision, fused)
         runners = {n: ModuleRunner(script_stage(m)) for n, m in modules.items()}
         return Stages(runners, backend)
     directory = Path(export_dir) if export_dir is not None else cache_dir(net.config.name, digest, fmt)

@@ -189,6 +189,10 @@ class Codec:
     :data:`model.bitstream.READ_VERSIONS` is decoded): 2, the default, codes with the reproducible
     entropy path that every decoder reproduces; 1 with the float32 one of earlier releases, for
     replicas that cannot read version 2 yet (a rolling upgrade).
+
+    ``fused_kernels`` (default) runs the BiWKV of g_a and g_s on the fused CPU kernel of
+    :mod:`model.transform_kernels` where it applies (:func:`model.backends.load_stages`); False keeps
+    PyTorch's formulation (benchmarks compare the two).
     """
 
     def __init__(
@@ -203,6 +207,7 @@ class Codec:
         synthesis_precision: str = "float32",
         analysis_precision: str = "float32",
         stream_version: int = FORMAT_VERSION,
+        fused_kernels: bool = True,
     ) -> None:
         if stream_version not in READ_VERSIONS:
             raise ValueError(f"stream_version must be one of {READ_VERSIONS}, got {stream_version!r}")
@@ -231,6 +236,7 @@ class Codec:
             device=self.device,
             synthesis_precision=synthesis_precision,
             analysis_precision=analysis_precision,
+            fused_kernels=fused_kernels,
         )
         # g_a and h_a: the backend's, or the reproducible ones for byte-identical streams everywhere
         exact = analysis_precision == EXACT_PRECISION

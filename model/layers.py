@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import transform_kernels  # registers torch.ops.lalic.biwkv_gated, which scripting resolves
+
 CHUNK = 64
 """Tokens per chunk in :func:`biwkv`."""
 
@@ -318,7 +320,13 @@ class OmniShift(nn.Module):
 
 
 class SpatialMix(nn.Module):
-    """Spatial Mix (Eq. 2): ``W_o(sigmoid(r) * BiWKV(decay/T, boost/T, k, v))`` after Omni-Shift."""
+    """Spatial Mix (Eq. 2): ``W_o(sigmoid(r) * BiWKV(decay/T, boost/T, k, v))`` after Omni-Shift.
+
+    With ``fused`` set (:func:`use_fused_kernels`), inference on the CPU computes the gated BiWKV with
+    ``torch.ops.lalic.biwkv_gated`` (:mod:`model.transform_kernels`: linear recurrences in C, in the
+    activations' dtype) instead of :func:`biwkv`'s chunked matrix products; training, tracing and
+    export keep the PyTorch formulation.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -328,6 +336,7 @@ class SpatialMix(nn.Module):
         self.output = nn.Linear(channels, channels, bias=False)
         self.decay = nn.Parameter(torch.randn(channels))
         self.boost = nn.Parameter(torch.randn(channels))
+        self.fused = False
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         b, t, c = x.shape
@@ -337,6 +346,9 @@ class SpatialMix(nn.Module):
             # matmul only folds the batch into one GEMM when no operand requires grad; a Parameter
             # does, so detach it at inference: 55 -> 17 ms at C=48, T=98304 on one core
             weight = weight.detach()
+            if self.fused and not exporting_onnx():
+                gated = torch.ops.lalic.biwkv_gated(F.linear(x, weight), self.decay, self.boost)
+                return F.linear(gated, self.output.weight.detach())
         kvr = torch.matmul(weight, x.transpose(1, 2))  # (B, 3C, T): BiWKV's layout
         k, v, r = kvr.split(c, dim=1)
         if exporting_onnx():
@@ -427,6 +439,19 @@ def init_layer_scales(module: nn.Module, value: float) -> nn.Module:
         if isinstance(m, BiRWKVBlock):
             m.gamma1.fill_(value)
             m.gamma2.fill_(value)
+    return module
+
+
+def use_fused_kernels(module: nn.Module) -> nn.Module:
+    """Let every Spatial Mix of ``module`` run inference on the fused CPU kernel
+    (:class:`SpatialMix`); returns ``module``. Modules on another device, or
+    with activations the kernels do not take, must not be switched
+    (:func:`model.transform_kernels.usable`)."""
+    if not transform_kernels.available():
+        raise RuntimeError("model._transform_kernels was not built (pip install . compiles it)")
+    for m in module.modules():
+        if isinstance(m, SpatialMix):
+            m.fused = True
     return module
 
 

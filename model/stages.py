@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from model.context import ParameterNet
 from model.cpuinfo import CPUINFO, cpuinfo_field
 from model.lalic import LALIC, interpolated_gain
-from model.layers import SpatialMix
+from model.layers import SpatialMix, use_fused_kernels
 
 ENTROPY_STAGES = ("hyper_synthesis", "channel", "spatial", "params")
 """Kinds of stage on the entropy-parameter path (their float results decide the coding distributions)."""
@@ -154,23 +154,37 @@ def gain_tables(net: LALIC) -> tuple[Tensor, Tensor]:
 
 
 def stage_modules(
-    net: LALIC, synthesis_precision: str = "float32", analysis_precision: str = "float32"
+    net: LALIC,
+    synthesis_precision: str = "float32",
+    analysis_precision: str = "float32",
+    fused_kernels: bool = False,
 ) -> dict[str, nn.Module]:
     """Every stage of a network prepared for inference, by name (see the module docstring); the
     precisions (:data:`PRECISIONS`) choose g_s's and g_a's (``exact`` keeps the float32 g_a here: the
-    codec encodes with :class:`model.exact.ExactAnalysis` instead)."""
+    codec encodes with :class:`model.exact.ExactAnalysis` instead).
+
+    ``fused_kernels`` runs the Spatial Mixes of g_a and g_s on the fused CPU kernel
+    (:func:`model.layers.use_fused_kernels`), on copies of the transforms (``net`` and exports keep
+    the PyTorch formulation). The entropy-parameter stages never change: streams of container
+    version 1 are decoded with their float32 arithmetic."""
     for precision, allowed in ((synthesis_precision, PRECISIONS), (analysis_precision, ANALYSIS_PRECISIONS)):
         if precision not in allowed:
             raise ValueError(f"precision {precision!r} is not one of {allowed}")
     ctx = net.context
     log_gain, log_inverse_gain = gain_tables(net)
-    analysis = Gained(net.g_a, log_gain, at_input=False)
-    synthesis = Gained(net.g_s, log_inverse_gain, at_input=True)
+
+    def transform(module: nn.Module, log: Tensor, at_input: bool, precision: str) -> nn.Module:
+        if precision == "bfloat16":
+            stage: nn.Module = BFloat16Gained(Gained(module, log, at_input))  # a copy of the network
+        else:
+            stage = Gained(copy.deepcopy(module) if fused_kernels else module, log, at_input)
+        return use_fused_kernels(stage) if fused_kernels else stage
+
     stages: dict[str, nn.Module] = {
-        "analysis": BFloat16Gained(analysis) if analysis_precision == "bfloat16" else analysis,
+        "analysis": transform(net.g_a, log_gain, False, analysis_precision),
         "hyper_analysis": net.h_a,
         "hyper_synthesis": net.h_s,
-        "synthesis": BFloat16Gained(synthesis) if synthesis_precision == "bfloat16" else synthesis,
+        "synthesis": transform(net.g_s, log_inverse_gain, True, synthesis_precision),
     }
     for k in range(len(ctx.slices)):
         if k:

@@ -76,7 +76,10 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     def forward(self, x: Tensor) -> Tensor:
         sub_w, sub_b = self.subpixel_weight, self.subpixel_bias
         if sub_w is not None and sub_b is not None:
-            return F.pixel_shuffle(F.conv2d(F.pad(x, self.subpixel_pad), sub_w, sub_b), 2)
+            pad = self.subpixel_pad
+            if pad[0] == pad[1] == pad[2] == pad[3]:  # the convolution pads (no padded copy of x)
+                return F.pixel_shuffle(F.conv2d(x, sub_w, sub_b, padding=pad[0]), 2)
+            return F.pixel_shuffle(F.conv2d(F.pad(x, pad), sub_w, sub_b), 2)
         if not torch.is_grad_enabled():
             x = x.contiguous(memory_format=torch.channels_last)
         return F.conv_transpose2d(

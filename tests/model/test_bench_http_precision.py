@@ -17,7 +17,7 @@ def test_precision_reports_psnr_changes_and_timings(tmp_path: Path) -> None:
     assert row["quality"] == 6 and row["images"] == 1
     assert -0.1 < row["mean_dpsnr_db"] < 0.1 and 0 < row["max_pixel_diff"] <= 8
     assert set(raw["timing"]) == {"float32", "bfloat16"}
-    assert set(raw["encode_timing"]) == {"float32", "bfloat16", "exact"}
+    assert set(raw["encode_timing"]) == {"float32", "float32 fused", "bfloat16", "exact"}
     for encoder in row["encoders"].values():
         assert abs(encoder["rate_change_pct"]) < 3 and abs(encoder["mean_dpsnr_db"]) < 0.1
     assert "| 6 | 1 |" in (tmp_path / "precision.md").read_text()

@@ -1,0 +1,328 @@
+/*
+ * Fused CPU kernels of the analysis and synthesis transforms (g_a, g_s; issue 39): fast float
+ * arithmetic for the stages outside the entropy path, where results need to be close, not
+ * reproducible to the bit (model/_exact_kernels.c holds the reproducible kernels of the entropy path).
+ *
+ * biwkv_gated: sigmoid(r) * BiWKV(k, v) (LALIC Eq. 2-3) on a channels-last [k | v | r] token map, as
+ * two linear recurrences over the tokens instead of model.layers.biwkv's chunked matrix products:
+ *     wkv_t = (A_t + C_t + e^u e_t v_t) / (A'_t + C'_t + e^u e_t),   e_t = e^{k_t - m},
+ *     A_t = sum_{i<t} lambda^{t-1-i} e_i v_i  (A_{t+1} = lambda A_t + e_t v_t),   lambda = e^{-w},
+ *     C_t = sum_{i>t} lambda^{i-t-1} e_i v_i  (C_{t-1} = lambda C_t + e_t v_t),
+ * and A', C' the same sums without v. m is the channel's largest key, so e_t <= 1 (no overflow).
+ * The tokens are cut into chunks of CHUNK: inside a chunk the recurrences run in float32 (at most
+ * CHUNK steps), between chunks they are carried in double (no drift over 10^5 tokens):
+ *     C_{s-1} = P + lambda^L C_{s+L-1}, P = sum_{i<L} lambda^i e_{s+i} v_{s+i}  (a chunk at s, L tokens),
+ *     A_{s+i} = lambda^i A_s + (the in-chunk forward sum).
+ * Threads split the tokens (whole rows: no cache line is written by two threads), in three
+ * phases: the largest keys; every chunk's own sums P and F (backward and forward); after a serial
+ * pass that turns them into the carries C and A at every chunk, the outputs, chunk by chunk, with
+ * the chunk's in-chunk sums recomputed in cache.
+ *
+ * Inputs and outputs are float32 or bfloat16 (the dtype of g_s's body under precision bfloat16):
+ * read by widening the bits, written rounded to nearest even. Functions take data pointers as
+ * integers (torch.Tensor.data_ptr()), trust their caller (model/layers.py) for shapes and
+ * contiguity, and release the GIL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_num_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LALIC_NO_CLONES)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+typedef int64_t i64;
+#define PTR(p) ((void *)(uintptr_t)(p))
+#define CHUNK 64 /* tokens whose backward sums are recomputed in L1 */
+#define PARALLEL_MIN 16384
+#define AHEAD 8 /* rows prefetched ahead: a thread reads a short stretch of each row, which the hardware
+                   prefetchers of the machines measured here did not follow (the passes waited on memory) */
+
+/* Prefetch the stretch [offset, offset + bytes) of a map (cache line by cache line). */
+static inline void prefetch_stretch(const char *base, size_t bytes) {
+    for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + b, 0, 3);
+    __builtin_prefetch(base + bytes - 1, 0, 3);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if (f != f) return 0x7FC0; /* NaN stays NaN */
+    bits += 0x7FFFu + ((bits >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+/* e^x for x in [-87, 87] (clamped), within 2 ulp: x = n ln2 + r, a degree-6 polynomial for e^r,
+ * 2^n from the exponent bits. Written so that gcc vectorises loops calling it. */
+static inline float exp_fast(float x) {
+    x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
+    float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+/* n floats of a float32 or bfloat16 row at element offset `offset`: the row itself (float32) or its
+ * widened copy in buf (bfloat16). */
+static inline const float *row_floats(const void *base, int bf16, i64 offset, i64 n, float *buf) {
+    if (!bf16) return (const float *)base + offset;
+    const uint16_t *p = (const uint16_t *)base + offset;
+    #pragma omp simd
+    for (i64 j = 0; j < n; j++) buf[j] = bf16_to_float(p[j]);
+    return buf;
+}
+
+/* Per-channel constants of one map: lambda = e^{-w} and e^u (float), lambda^CHUNK and lambda^tail
+ * (double, tail = the last chunk's length) and the powers lambda^i, i < CHUNK (float, (CHUNK, C)). */
+typedef struct {
+    float *lam, *own, *powers;
+    double *lam_full, *lam_tail;
+} Decays;
+
+/* The chunk sums of chunks [c_lo, c_hi): sums[chunk] = (P, P', F, F') with
+ * P = sum_i lambda^i ev_{s+i} (seen from the chunk's first token, backward) and
+ * F = sum_i lambda^{L-1-i} ev_{s+i} (seen from its last token, forward); P', F' without v. */
+MULTIVERSION
+static void chunk_sums(const void *kvr, int bf16, i64 t_len, i64 c_len, i64 c_lo, i64 c_hi, const Decays *dk,
+                       const float *m, double *sums, float *scratch) {
+    const i64 stride = 3 * c_len;
+    float *kbuf = scratch, *vbuf = kbuf + c_len, *pn = vbuf + c_len, *pd = pn + c_len, *fn = pd + c_len,
+          *fd = fn + c_len;
+    const size_t elem = bf16 ? 2 : 4, bytes = elem * (size_t)c_len;
+    for (i64 chunk = c_lo; chunk < c_hi; chunk++) {
+        i64 start = chunk * CHUNK, stop = start + CHUNK < t_len ? start + CHUNK : t_len;
+        for (i64 j = 0; j < c_len; j++) pn[j] = pd[j] = fn[j] = fd[j] = 0.0f;
+        for (i64 t = start; t < stop; t++) {
+            if (t + AHEAD < t_len) {
+                prefetch_stretch((const char *)kvr + elem * ((t + AHEAD) * stride), bytes);
+                prefetch_stretch((const char *)kvr + elem * ((t + AHEAD) * stride + c_len), bytes);
+            }
+            const float *k = row_floats(kvr, bf16, t * stride, c_len, kbuf);
+            const float *v = row_floats(kvr, bf16, t * stride + c_len, c_len, vbuf);
+            const float *p = dk->powers + (t - start) * c_len;
+            #pragma omp simd
+            for (i64 j = 0; j < c_len; j++) {
+                float e = exp_fast(k[j] - m[j]);
+                pn[j] += p[j] * (e * v[j]);
+                pd[j] += p[j] * e;
+                fn[j] = dk->lam[j] * fn[j] + e * v[j];
+                fd[j] = dk->lam[j] * fd[j] + e;
+            }
+        }
+        double *out = sums + 4 * c_len * chunk;
+        for (i64 j = 0; j < c_len; j++) {
+            out[j] = pn[j], out[c_len + j] = pd[j], out[2 * c_len + j] = fn[j], out[3 * c_len + j] = fd[j];
+        }
+    }
+}
+
+/* The outputs of chunks [c_lo, c_hi), given carries[chunk] = (C, C', A, A'): the backward sums at the
+ * chunk's last token and the forward sums at its first (double). */
+MULTIVERSION
+static void chunk_outputs(const void *kvr, int bf16, i64 t_len, i64 c_len, i64 c_lo, i64 c_hi, const Decays *dk,
+                          const float *m, const double *carries, void *out, float *scratch) {
+    const i64 stride = 3 * c_len;
+    float *kbuf = scratch, *vbuf = kbuf + c_len, *rbuf = vbuf + c_len, *result = rbuf + c_len;
+    float *a_num = result + c_len, *a_den = a_num + c_len, *fnum = a_den + c_len, *fden = fnum + c_len;
+    float *bnum = fden + c_len, *bden = bnum + CHUNK * c_len; /* (CHUNK, C) each */
+    float *ev = bden + CHUNK * c_len, *ee = ev + CHUNK * c_len;
+    const float *lam = dk->lam, *own = dk->own;
+    const size_t elem = bf16 ? 2 : 4, bytes = elem * (size_t)c_len;
+    for (i64 chunk = c_lo; chunk < c_hi; chunk++) {
+        i64 start = chunk * CHUNK, len = start + CHUNK < t_len ? CHUNK : t_len - start;
+        for (i64 i = 0; i < len; i++) {
+            i64 t = start + i;
+            if (t + AHEAD < t_len) prefetch_stretch((const char *)kvr + elem * ((t + AHEAD) * stride), 3 * bytes);
+            const float *k = row_floats(kvr, bf16, t * stride, c_len, kbuf);
+            const float *v = row_floats(kvr, bf16, t * stride + c_len, c_len, vbuf);
+            float *evi = ev + i * c_len, *eei = ee + i * c_len;
+            #pragma omp simd
+            for (i64 j = 0; j < c_len; j++) {
+                float e = exp_fast(k[j] - m[j]);
+                eei[j] = e;
+                evi[j] = e * v[j];
+            }
+        }
+        const double *carry = carries + 4 * c_len * chunk;
+        for (i64 j = 0; j < c_len; j++) {
+            bnum[(len - 1) * c_len + j] = (float)carry[j];
+            bden[(len - 1) * c_len + j] = (float)carry[c_len + j];
+            a_num[j] = (float)carry[2 * c_len + j];
+            a_den[j] = (float)carry[3 * c_len + j];
+            fnum[j] = fden[j] = 0.0f;
+        }
+        for (i64 i = len - 1; i > 0; i--) {
+            const float *bn = bnum + i * c_len, *bd = bden + i * c_len, *evi = ev + i * c_len, *eei = ee + i * c_len;
+            float *bn1 = bnum + (i - 1) * c_len, *bd1 = bden + (i - 1) * c_len;
+            #pragma omp simd
+            for (i64 j = 0; j < c_len; j++) {
+                bn1[j] = lam[j] * bn[j] + evi[j];
+                bd1[j] = lam[j] * bd[j] + eei[j];
+            }
+        }
+        for (i64 i = 0; i < len; i++) {
+            i64 t = start + i;
+            const float *r = row_floats(kvr, bf16, t * stride + 2 * c_len, c_len, rbuf);
+            const float *bn = bnum + i * c_len, *bd = bden + i * c_len, *evi = ev + i * c_len, *eei = ee + i * c_len;
+            const float *p = dk->powers + i * c_len;
+            #pragma omp simd
+            for (i64 j = 0; j < c_len; j++) {
+                /* A_{start+i} = lambda^i A_start + f_i (f: the in-chunk forward sums) */
+                float num = a_num[j] * p[j] + fnum[j] + bn[j] + own[j] * evi[j];
+                float den = a_den[j] * p[j] + fden[j] + bd[j] + own[j] * eei[j];
+                float gate = 1.0f / (1.0f + exp_fast(-r[j]));
+                result[j] = gate * num / den;
+                fnum[j] = lam[j] * fnum[j] + evi[j];
+                fden[j] = lam[j] * fden[j] + eei[j];
+            }
+            if (bf16) {
+                uint16_t *o = (uint16_t *)out + t * c_len;
+                #pragma omp simd
+                for (i64 j = 0; j < c_len; j++) o[j] = float_to_bf16(result[j]);
+            } else {
+                memcpy((float *)out + t * c_len, result, sizeof(float) * c_len);
+            }
+        }
+    }
+}
+
+/* The largest key of every channel over tokens [t_lo, t_hi). */
+MULTIVERSION
+static void key_max(const void *kvr, int bf16, i64 c_len, i64 t_lo, i64 t_hi, float *m, float *kbuf) {
+    const size_t elem = bf16 ? 2 : 4;
+    for (i64 j = 0; j < c_len; j++) m[j] = -INFINITY;
+    for (i64 t = t_lo; t < t_hi; t++) {
+        if (t + AHEAD < t_hi) prefetch_stretch((const char *)kvr + elem * (t + AHEAD) * 3 * c_len, elem * c_len);
+        const float *k = row_floats(kvr, bf16, t * 3 * c_len, c_len, kbuf);
+        #pragma omp simd
+        for (i64 j = 0; j < c_len; j++) m[j] = k[j] > m[j] ? k[j] : m[j];
+    }
+}
+
+/* sigmoid(r) * wkv for one image: the phases of the file's comment on `threads` threads.
+ * maxima: (threads, C) floats; sums: (n_chunks, 4, C) doubles; scratch: scratch_floats per thread. */
+static void biwkv_image(const void *kvr, int bf16, i64 t_len, i64 c_len, const Decays *dk, float *m,
+                        float *maxima, double *sums, void *out, float *scratch, i64 scratch_floats, int threads) {
+    const i64 n_chunks = (t_len + CHUNK - 1) / CHUNK;
+#pragma omp parallel num_threads(threads) if (t_len * c_len > PARALLEL_MIN)
+    {
+        i64 parts = omp_get_num_threads(), me = omp_get_thread_num();
+        i64 c_lo = n_chunks * me / parts, c_hi = n_chunks * (me + 1) / parts;
+        i64 t_lo = c_lo * CHUNK, t_hi = c_hi * CHUNK < t_len ? c_hi * CHUNK : t_len;
+        float *mine = scratch + me * scratch_floats;
+        key_max(kvr, bf16, c_len, t_lo, t_hi, maxima + me * c_len, mine);
+#pragma omp barrier
+#pragma omp single
+        for (i64 j = 0; j < c_len; j++) {
+            float best = -INFINITY;
+            for (i64 q = 0; q < parts; q++) best = maxima[q * c_len + j] > best ? maxima[q * c_len + j] : best;
+            m[j] = isfinite(best) ? best : 0.0f;
+        }
+        chunk_sums(kvr, bf16, t_len, c_len, c_lo, c_hi, dk, m, sums, mine);
+#pragma omp barrier
+#pragma omp single
+        { /* chunk sums -> carries, in place: C, C' at each chunk's last token; A, A' at its first */
+            for (i64 j = 0; j < c_len; j++) {
+                double cn = 0.0, cd = 0.0, an = 0.0, ad = 0.0;
+                for (i64 chunk = n_chunks - 1; chunk >= 0; chunk--) {
+                    double *s = sums + 4 * c_len * chunk;
+                    double decay = chunk == n_chunks - 1 ? dk->lam_tail[j] : dk->lam_full[j];
+                    double pn = s[j], pd = s[c_len + j];
+                    s[j] = cn, s[c_len + j] = cd;
+                    cn = pn + decay * cn, cd = pd + decay * cd;
+                }
+                for (i64 chunk = 0; chunk < n_chunks; chunk++) {
+                    double *s = sums + 4 * c_len * chunk;
+                    double decay = chunk == n_chunks - 1 ? dk->lam_tail[j] : dk->lam_full[j];
+                    double fn = s[2 * c_len + j], fd = s[3 * c_len + j];
+                    s[2 * c_len + j] = an, s[3 * c_len + j] = ad;
+                    an = decay * an + fn, ad = decay * ad + fd;
+                }
+            }
+        }
+        chunk_outputs(kvr, bf16, t_len, c_len, c_lo, c_hi, dk, m, sums, out, mine);
+    }
+}
+
+static PyObject *py_biwkv_gated(PyObject *self, PyObject *args) {
+    unsigned long long kvr, decay, boost, out;
+    long long batch, t_len, c_len;
+    int bf16, threads;
+    if (!PyArg_ParseTuple(args, "KLLLpKKKi", &kvr, &batch, &t_len, &c_len, &bf16, &decay, &boost, &out, &threads))
+        return NULL;
+    if (threads < 1) threads = 1;
+    const i64 n_chunks = (t_len + CHUNK - 1) / CHUNK, tail = t_len - (n_chunks - 1) * CHUNK;
+    const i64 scratch_floats = c_len * (8 + 4 * CHUNK);
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    Decays dk;
+    float *floats = malloc(sizeof(float) * (size_t)c_len * (3 + CHUNK + threads) +
+                           sizeof(float) * (size_t)scratch_floats * threads);
+    double *doubles = malloc(sizeof(double) * (size_t)c_len * (2 + 4 * n_chunks));
+    if (!floats || !doubles) {
+        failed = 1;
+    } else {
+        dk.lam = floats, dk.own = dk.lam + c_len, dk.powers = dk.own + c_len;
+        float *m = dk.powers + CHUNK * c_len, *maxima = m + c_len, *scratch = maxima + threads * c_len;
+        dk.lam_full = doubles, dk.lam_tail = doubles + c_len;
+        double *sums = dk.lam_tail + c_len;
+        const float *d = PTR(decay), *u = PTR(boost);
+        for (i64 j = 0; j < c_len; j++) {
+            double w = (double)d[j] / (double)t_len; /* w = decay / T, u = boost / T */
+            dk.lam[j] = (float)exp(-w);
+            dk.own[j] = (float)exp((double)u[j] / (double)t_len);
+            dk.lam_full[j] = exp(-w * CHUNK);
+            dk.lam_tail[j] = exp(-w * (double)tail);
+            for (i64 i = 0; i < CHUNK; i++) dk.powers[i * c_len + j] = (float)exp(-w * (double)i);
+        }
+        size_t elem = bf16 ? 2 : 4;
+        for (long long b = 0; b < batch; b++) {
+            const char *image = (const char *)PTR(kvr) + (size_t)(b * t_len * 3 * c_len) * elem;
+            char *result = (char *)PTR(out) + (size_t)(b * t_len * c_len) * elem;
+            biwkv_image(image, bf16, t_len, c_len, &dk, m, maxima, sums, result, scratch, scratch_floats, threads);
+        }
+    }
+    free(floats);
+    free(doubles);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"biwkv_gated", py_biwkv_gated, METH_VARARGS, "sigmoid(r) * BiWKV(k, v) on channels-last [k | v | r]."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_transform_kernels",
+                                    "Fused CPU kernels of g_a and g_s (fast float arithmetic).", -1, methods};
+
+PyMODINIT_FUNC PyInit__transform_kernels(void) { return PyModule_Create(&module); }
