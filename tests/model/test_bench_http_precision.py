@@ -23,6 +23,14 @@ def test_precision_reports_psnr_changes_and_timings(tmp_path: Path) -> None:
     assert "| 6 | 1 |" in (tmp_path / "precision.md").read_text()
 
 
+def test_png_reports_every_encoder(tmp_path: Path) -> None:
+    png = load_bench_script("png")
+    assert png.main(["--limit", "1", "--runs", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "png.json").read_text())["rows"]
+    assert [row["encoder"] for row in rows] == list(png.ENCODERS)
+    assert all(row["exact"] and row["ms"] > 0 and row["mb"] > 0.3 for row in rows)
+
+
 def test_http_path_reports_the_servers_stages(tmp_path: Path) -> None:
     http_path = load_bench_script("http_path")
     args = ["--backend", "torch", "--requests", "1", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)]

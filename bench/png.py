@@ -1,0 +1,116 @@
+"""PNG encoders for /decompress output: time per image and bytes on the 24 Kodak images.
+
+Run from the repository root with the venv active::
+
+    python bench/png.py --out bench/results/png
+
+Encoders, each at deflate level 1 (``service.formats.PNG_COMPRESS_LEVEL``): Pillow; libpng through
+imagecodecs with the SUB filter and zlib's RLE strategy (the service's writer until 2026-12-07); and
+``service.formats.encode_png`` (SUB filter, libdeflate). Each image is encoded ``--runs`` times by
+every encoder, alternating; reported: the median over images of each image's median time, the total
+bytes, and whether every PNG reads back (Pillow) to the very pixels. Results: ``--out``/``png.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(1, str(ROOT))
+from codec import machine  # noqa: E402
+
+from model.paths import KODAK_DIR  # noqa: E402
+from service.formats import PNG_COMPRESS_LEVEL, encode_png  # noqa: E402
+
+
+def pillow(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def libpng_sub_rle(image: np.ndarray) -> bytes:
+    return imagecodecs.png_encode(
+        image,
+        level=PNG_COMPRESS_LEVEL,
+        strategy=imagecodecs.PNG.STRATEGY.RLE,
+        filter=imagecodecs.PNG.FILTER.SUB,
+    )
+
+
+ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {
+    "Pillow, level 1": pillow,
+    "libpng, level 1, SUB filter, RLE strategy": libpng_sub_rle,
+    "service.formats.encode_png: SUB filter, libdeflate level 1": encode_png,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="encodes per image and encoder (default 5)")
+    parser.add_argument("--limit", type=int, default=24, help="Kodak images (default all 24)")
+    parser.add_argument("--out", type=Path, default=None, help="write png.{json,md} here")
+    args = parser.parse_args(argv)
+
+    files = sorted(KODAK_DIR.glob("kodim*.png"))[: args.limit]
+    times: dict[str, list[float]] = {name: [] for name in ENCODERS}
+    sizes = dict.fromkeys(ENCODERS, 0)
+    exact = dict.fromkeys(ENCODERS, True)
+    for file in tqdm(files, desc="images", leave=False):
+        image = np.ascontiguousarray(np.asarray(Image.open(file).convert("RGB")))
+        per_image: dict[str, list[float]] = {name: [] for name in ENCODERS}
+        for _ in range(args.runs):
+            for name, encoder in ENCODERS.items():
+                start = time.perf_counter()
+                data = encoder(image)
+                per_image[name].append(time.perf_counter() - start)
+        for name, encoder in ENCODERS.items():
+            data = encoder(image)
+            sizes[name] += len(data)
+            exact[name] &= bool(np.array_equal(np.asarray(Image.open(io.BytesIO(data))), image))
+            times[name].append(statistics.median(per_image[name]))
+    meta = {
+        "command": "python bench/png.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+    }
+    rows = [
+        {"encoder": n, "ms": statistics.median(times[n]) * 1e3, "mb": sizes[n] / 1e6, "exact": exact[n]}
+        for n in ENCODERS
+    ]
+    lines = [
+        "# PNG encoders on Kodak (issue 39)",
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Date: {meta['date']}; machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; "
+        f"{len(files)} images, {args.runs} runs each",
+        "",
+        "| PNG encoder | ms per image (median) | total MB | reads back exactly |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {r['encoder']} | {r['ms']:.1f} | {r['mb']:.2f} | {r['exact']} |" for r in rows]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "png.md").write_text(report)
+        (args.out / "png.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return 0 if all(exact.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
