@@ -222,12 +222,18 @@ class Engine:
             for name in ("synthesis_precision", "analysis_precision")
         }
         logger.info("g_s in %(synthesis_precision)s, g_a in %(analysis_precision)s", precisions)
+        from model import transform_kernels
         from model.fixedpoint import native_kernels_available
 
         if not native_kernels_available():
             logger.warning(
                 "model._exact_kernels is not built: the reproducible entropy path runs its PyTorch "
                 "reference (the same bits, about 1.4x slower); reinstall with a C compiler"
+            )
+        if not transform_kernels.available():
+            logger.warning(
+                "model._transform_kernels is not built: g_a and g_s run PyTorch's chunked BiWKV "
+                "(g_s up to 1.4x slower, BENCHMARKS.md); reinstall with a C compiler"
             )
         options: dict[str, Any] = {
             "device": device,
