@@ -439,6 +439,33 @@ MULTIVERSION static void conv_rows_kernel(const float *x, int channels_last, i64
 
 #define PTR(v) ((void *)(uintptr_t)(v))
 
+/* torch.bucketize(x, bounds) (right=False) as int32: the number of bounds below each value, NaN
+ * above all (the comparison is !(v <= b), as in PyTorch's search). Comparisons only: the same
+ * result on every machine. A branch-free lower bound: the bounds left to search halve each step. */
+static void bucketize_kernel(const float *x, i64 n, const float *bounds, i64 m, int32_t *out) {
+#pragma omp parallel for schedule(static) if (n >= 16384)
+    for (i64 i = 0; i < n; i++) {
+        const float v = x[i];
+        i64 base = 0, len = m;
+        while (len > 1) { /* the answer lies in [base, base + len] */
+            const i64 half = len >> 1;
+            base = !(v <= bounds[base + half - 1]) ? base + half : base;
+            len -= half;
+        }
+        out[i] = (int32_t)(m > 0 && !(v <= bounds[base]) ? base + 1 : base);
+    }
+}
+
+static PyObject *py_bucketize(PyObject *self, PyObject *args) {
+    unsigned long long x, bounds, out;
+    long long n, m;
+    if (!PyArg_ParseTuple(args, "KLKLK", &x, &n, &bounds, &m, &out)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    bucketize_kernel(PTR(x), n, PTR(bounds), m, PTR(out));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_tables(PyObject *self, PyObject *args) {
     unsigned long long high, low, sig;
     Tables tb;
@@ -597,6 +624,7 @@ static PyMethodDef methods[] = {
     {"biwkv", py_biwkv, METH_VARARGS, "sigmoid(r) * BiWKV(k, v) on channels-last [k | v | r]."},
     {"depthwise", py_depthwise, METH_VARARGS, "ExactConv2d's depthwise convolution, channels-last."},
     {"conv_rows", py_conv_rows, METH_VARARGS, "ExactConv2d's dense im2col digit rows."},
+    {"bucketize", py_bucketize, METH_VARARGS, "torch.bucketize(x, bounds) as int32 (float32, contiguous)."},
     {NULL, NULL, 0, NULL},
 };
 

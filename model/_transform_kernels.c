@@ -18,6 +18,9 @@
  * pass that turns them into the carries C and A at every chunk, the outputs, chunk by chunk, with
  * the chunk's in-chunk sums recomputed in cache.
  *
+ * subpixel_conv: g_s's last layer (the sub-pixel convolution and the pixel shuffle in one pass),
+ * described where it is defined below.
+ *
  * Inputs and outputs are float32 or bfloat16 (the dtype of g_s's body under precision bfloat16):
  * read by widening the bits, written rounded to nearest even. Functions take data pointers as
  * integers (torch.Tensor.data_ptr()), trust their caller (model/layers.py) for shapes and
@@ -35,6 +38,10 @@ static int omp_get_thread_num(void) { return 0; }
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define HAVE_BF16_DOT 1
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LALIC_NO_CLONES)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -317,8 +324,267 @@ static PyObject *py_biwkv_gated(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * subpixel_conv: the sub-pixel form of a stride-2 transposed convolution (Shi et al., CVPR 2016;
+ * model.transforms.ConvTranspose2d), an S x S "same" convolution to N = 4 cout channels followed by
+ * pixel_shuffle(2), as one pass: out[2i + a, 2j + b, o] = bias[n] + sum_{r, s, c} w[r, s, c, n]
+ * x[i + r - P, j + s - P, c] with n = 4 o + 2 a + b, P = (S - 1) / 2 and zeros outside the map.
+ * x is channels-last (B, H, W, C), float32 or bfloat16; w is packed (S, S, C, N) float32; the
+ * output is channels-last (B, 2H, 2W, cout) float32. Each thread takes a band of input rows and
+ * keeps the S rows its outputs read as planes (C, W + 2P) in float32, so that LANES neighbouring
+ * positions of one channel are one vector; N accumulators of LANES outputs then take every tap
+ * as a broadcast weight times that vector (float32 FMA: the sums of the float32 convolution, in
+ * another order).
+ */
+#define LANES 16
+#define SUBPIXEL_MAX_OUT 16
+
+/* Input row i (zeros outside the map) as planes: plane[c * pitch + pad + j] = x[i, j, c]. */
+static void load_plane(const void *x, int bf16, i64 h, i64 w, i64 c_len, i64 i, int pad, i64 pitch,
+                       float *plane) {
+    if (i < 0 || i >= h) {
+        memset(plane, 0, sizeof(float) * (size_t)(c_len * pitch));
+        return;
+    }
+    for (i64 c = 0; c < c_len; c++) {
+        float *row = plane + c * pitch;
+        for (int j = 0; j < pad; j++) row[j] = 0.0f;
+        for (i64 j = pad + w; j < pitch; j++) row[j] = 0.0f;
+    }
+    const i64 base = i * w * c_len;
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)x + base;
+        for (i64 j = 0; j < w; j++)
+            for (i64 c = 0; c < c_len; c++) plane[c * pitch + pad + j] = bf16_to_float(p[j * c_len + c]);
+    } else {
+        const float *p = (const float *)x + base;
+        for (i64 j = 0; j < w; j++)
+            for (i64 c = 0; c < c_len; c++) plane[c * pitch + pad + j] = p[j * c_len + c];
+    }
+}
+
+/* The N x LANES outputs of positions [j0, j0 + LANES) of one input row from its S planes;
+ * n_out is a compile-time constant where it is inlined with one, so the accumulators stay in
+ * registers. */
+static inline __attribute__((always_inline)) void subpixel_block(float *const *planes, const float *wt, i64 c_len,
+                                                                 i64 pitch, int size, int n_out, i64 j0,
+                                                                 float acc[SUBPIXEL_MAX_OUT][LANES]) {
+    for (int n = 0; n < n_out; n++)
+        for (int l = 0; l < LANES; l++) acc[n][l] = 0.0f;
+    for (int r = 0; r < size; r++) {
+        for (int s = 0; s < size; s++) {
+            const float *wk = wt + (i64)(r * size + s) * c_len * n_out;
+            const float *src0 = planes[r] + j0 + s;
+            for (i64 c = 0; c < c_len; c++) {
+                const float *src = src0 + c * pitch;
+                const float *wc = wk + c * n_out;
+                for (int n = 0; n < n_out; n++) {
+                    const float wv = wc[n];
+#pragma omp simd
+                    for (int l = 0; l < LANES; l++) acc[n][l] += wv * src[l];
+                }
+            }
+        }
+    }
+}
+
+/* The block's outputs plus the bias, pixel-shuffled: channel n = 4 o + 2 a + b of input position
+ * (i, j) goes to output (2i + a, 2j + b, o); for each a the block's outputs are one contiguous run. */
+static void store_subpixel_block(float acc[SUBPIXEL_MAX_OUT][LANES], const float *bias, i64 w, i64 cout, i64 i,
+                                 i64 j0, float *out) {
+    const i64 valid = w - j0 < LANES ? w - j0 : LANES;
+    for (int a = 0; a < 2; a++) {
+        float *dst = out + ((2 * i + a) * 2 * w + 2 * j0) * cout;
+        for (i64 l = 0; l < valid; l++)
+            for (int b = 0; b < 2; b++)
+                for (i64 o = 0; o < cout; o++) {
+                    const int n = (int)(4 * o + 2 * a + b);
+                    *dst++ = acc[n][l] + bias[n];
+                }
+    }
+}
+
+MULTIVERSION
+static void subpixel_rows(const void *x, int bf16, i64 h, i64 w, i64 c_len, const float *wt, const float *bias,
+                          int size, int n_out, i64 i_lo, i64 i_hi, float *out, float *ring) {
+    const int pad = (size - 1) / 2;
+    const i64 blocks = (w + LANES - 1) / LANES, pitch = blocks * LANES + 2 * pad, cout = n_out / 4;
+    float *planes[16];
+    float acc[SUBPIXEL_MAX_OUT][LANES];
+    for (i64 i = i_lo; i < i_hi; i++) {
+        /* rows i - pad .. i + pad live in ring slot (row + pad) % size; load the ones not there yet */
+        for (int r = 0; r < size; r++) {
+            const i64 row = i - pad + r;
+            float *slot = ring + ((row + pad) % size) * c_len * pitch;
+            if (i == i_lo || r == size - 1) load_plane(x, bf16, h, w, c_len, row, pad, pitch, slot);
+            planes[r] = slot;
+        }
+        for (i64 blk = 0; blk < blocks; blk++) {
+            const i64 j0 = blk * LANES;
+            if (n_out == 12)
+                subpixel_block(planes, wt, c_len, pitch, size, 12, j0, acc);
+            else
+                subpixel_block(planes, wt, c_len, pitch, size, n_out, j0, acc);
+            store_subpixel_block(acc, bias, w, cout, i, j0, out);
+        }
+    }
+}
+
+#ifdef HAVE_BF16_DOT
+/* The bfloat16 form (AVX512-BF16, for bfloat16 maps): planes of channel pairs, one 32-bit word
+ * (x[i, j, 2p], x[i, j, 2p + 1]) per position, and the weights rounded to bfloat16 in the same
+ * pairs, so that one vdpbf16ps multiplies two channels of LANES positions (products exact, sums in
+ * float32): half the instructions of the float32 form. */
+static void load_pair_plane(const uint16_t *x, i64 h, i64 w, i64 c_len, i64 i, int pad, i64 pitch,
+                            uint32_t *plane) {
+    const i64 pairs = (c_len + 1) / 2;
+    if (i < 0 || i >= h) {
+        memset(plane, 0, sizeof(uint32_t) * (size_t)(pairs * pitch));
+        return;
+    }
+    for (i64 p = 0; p < pairs; p++) {
+        uint32_t *row = plane + p * pitch;
+        for (int j = 0; j < pad; j++) row[j] = 0;
+        for (i64 j = pad + w; j < pitch; j++) row[j] = 0;
+    }
+    const uint16_t *src = x + i * w * c_len;
+    for (i64 j = 0; j < w; j++, src += c_len) {
+        for (i64 p = 0; p < c_len / 2; p++) {
+            uint32_t word;
+            memcpy(&word, src + 2 * p, sizeof word);
+            plane[p * pitch + pad + j] = word;
+        }
+        if (c_len % 2) plane[(pairs - 1) * pitch + pad + j] = src[c_len - 1];
+    }
+}
+
+__attribute__((target("avx512f,avx512bf16"), always_inline)) static inline void
+subpixel_block_bf16(uint32_t *const *planes, const uint32_t *wt, i64 pairs, i64 pitch, int size, int n_out, i64 j0,
+                    float acc_out[SUBPIXEL_MAX_OUT][LANES]) {
+    __m512 acc[SUBPIXEL_MAX_OUT];
+    for (int n = 0; n < n_out; n++) acc[n] = _mm512_setzero_ps();
+    for (int r = 0; r < size; r++) {
+        for (int s = 0; s < size; s++) {
+            const uint32_t *wk = wt + (i64)(r * size + s) * pairs * n_out;
+            const uint32_t *src0 = planes[r] + j0 + s;
+            for (i64 p = 0; p < pairs; p++) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(src0 + p * pitch);
+                const uint32_t *wp = wk + p * n_out;
+                for (int n = 0; n < n_out; n++)
+                    acc[n] = _mm512_dpbf16_ps(acc[n], xv, (__m512bh)_mm512_set1_epi32((int)wp[n]));
+            }
+        }
+    }
+    for (int n = 0; n < n_out; n++) _mm512_storeu_ps(acc_out[n], acc[n]);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) static void
+subpixel_rows_bf16(const uint16_t *x, i64 h, i64 w, i64 c_len, const uint32_t *wt, const float *bias, int size,
+                   int n_out, i64 i_lo, i64 i_hi, float *out, uint32_t *ring) {
+    const int pad = (size - 1) / 2;
+    const i64 blocks = (w + LANES - 1) / LANES, pitch = blocks * LANES + 2 * pad, cout = n_out / 4;
+    const i64 pairs = (c_len + 1) / 2;
+    uint32_t *planes[16];
+    float acc[SUBPIXEL_MAX_OUT][LANES];
+    for (i64 i = i_lo; i < i_hi; i++) {
+        for (int r = 0; r < size; r++) {
+            const i64 row = i - pad + r;
+            uint32_t *slot = ring + ((row + pad) % size) * pairs * pitch;
+            if (i == i_lo || r == size - 1) load_pair_plane(x, h, w, c_len, row, pad, pitch, slot);
+            planes[r] = slot;
+        }
+        for (i64 blk = 0; blk < blocks; blk++) {
+            const i64 j0 = blk * LANES;
+            if (n_out == 12)
+                subpixel_block_bf16(planes, wt, pairs, pitch, size, 12, j0, acc);
+            else
+                subpixel_block_bf16(planes, wt, pairs, pitch, size, n_out, j0, acc);
+            store_subpixel_block(acc, bias, w, cout, i, j0, out);
+        }
+    }
+}
+#endif
+
+/* Whether this CPU runs the bfloat16 form (AVX512-BF16). */
+static int bf16_dot_supported(void) {
+#ifdef HAVE_BF16_DOT
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+static PyObject *py_bf16_dot_supported(PyObject *self, PyObject *args) { return PyBool_FromLong(bf16_dot_supported()); }
+
+static PyObject *py_subpixel_conv(PyObject *self, PyObject *args) {
+    unsigned long long x, wt, bias, out;
+    long long batch, h, w, c_len;
+    int bf16, size, n_out, threads, dot;
+    if (!PyArg_ParseTuple(args, "KLLLLpKKiiKip", &x, &batch, &h, &w, &c_len, &bf16, &wt, &bias, &size, &n_out, &out,
+                          &threads, &dot))
+        return NULL;
+    if (size < 1 || size > 15 || size % 2 == 0 || n_out < 4 || n_out > SUBPIXEL_MAX_OUT || n_out % 4) {
+        PyErr_SetString(PyExc_ValueError, "subpixel_conv: odd kernel size up to 15, 4 to 16 outputs (a multiple of 4)");
+        return NULL;
+    }
+    if (dot && !(bf16 && bf16_dot_supported())) {
+        PyErr_SetString(PyExc_ValueError, "subpixel_conv: bfloat16 products need a bfloat16 map and AVX512-BF16");
+        return NULL;
+    }
+    if (threads < 1) threads = 1;
+    if (threads > h) threads = h > 0 ? (int)h : 1;
+    const int pad = (size - 1) / 2;
+    const i64 pitch = (w + LANES - 1) / LANES * LANES + 2 * pad, pairs = (c_len + 1) / 2;
+    const i64 ring_floats = size * (dot ? pairs : c_len) * pitch; /* 4-byte words either way */
+    const i64 taps = (i64)size * size;
+    float *rings = NULL;
+    uint32_t *pair_weights = NULL;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rings = malloc(sizeof(float) * (size_t)(ring_floats * threads));
+    if (dot) pair_weights = malloc(sizeof(uint32_t) * (size_t)(taps * pairs * n_out));
+    if (rings && (!dot || pair_weights)) {
+        const float *wf = PTR(wt);
+        if (dot) /* (S, S, C, N) float32 -> (S, S, C / 2, N) bfloat16 pairs, channel 2p in the low half */
+            for (i64 t = 0; t < taps; t++)
+                for (i64 p = 0; p < pairs; p++)
+                    for (int n = 0; n < n_out; n++) {
+                        const float lo = wf[(t * c_len + 2 * p) * n_out + n];
+                        const float hi = 2 * p + 1 < c_len ? wf[(t * c_len + 2 * p + 1) * n_out + n] : 0.0f;
+                        pair_weights[(t * pairs + p) * n_out + n] = float_to_bf16(lo) | (uint32_t)float_to_bf16(hi) << 16;
+                    }
+        const size_t elem = bf16 ? 2 : 4;
+        for (long long b = 0; b < batch; b++) {
+            const char *image = (const char *)PTR(x) + (size_t)(b * h * w * c_len) * elem;
+            float *result = (float *)PTR(out) + (size_t)(b * 4 * h * w * (n_out / 4));
+#pragma omp parallel num_threads(threads)
+            {
+                const int me = omp_get_thread_num(), parts = omp_get_num_threads();
+                const i64 lo = h * me / parts, hi = h * (me + 1) / parts;
+                float *ring = rings + ring_floats * me;
+#ifdef HAVE_BF16_DOT
+                if (dot)
+                    subpixel_rows_bf16((const uint16_t *)image, h, w, c_len, pair_weights, PTR(bias), size, n_out, lo,
+                                       hi, result, (uint32_t *)ring);
+                else
+#endif
+                    subpixel_rows(image, bf16, h, w, c_len, wf, PTR(bias), size, n_out, lo, hi, result, ring);
+            }
+        }
+    }
+    failed = !rings || (dot && !pair_weights);
+    free(rings);
+    free(pair_weights);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"biwkv_gated", py_biwkv_gated, METH_VARARGS, "sigmoid(r) * BiWKV(k, v) on channels-last [k | v | r]."},
+    {"subpixel_conv", py_subpixel_conv, METH_VARARGS, "S x S 'same' convolution and pixel_shuffle(2), channels-last."},
+    {"bf16_dot_supported", py_bf16_dot_supported, METH_NOARGS, "Whether this CPU has AVX512-BF16 dot products."},
     {NULL, NULL, 0, NULL},
 };
 

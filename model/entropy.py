@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import fixedpoint
 from model.coder import CdfTables
 
 LIKELIHOOD_BOUND = 1e-9
@@ -212,7 +213,7 @@ class GaussianConditional(nn.Module):
         """
         t = self.scale_table.cpu().to(scales.dtype)
         thresholds = torch.sqrt(t[:-1] * t[1:]).to(scales.device)
-        return torch.bucketize(scales.contiguous(), thresholds).to(torch.int32)
+        return fixedpoint.bucketize(scales, thresholds)
 
     @torch.no_grad()
     def update(self) -> None:

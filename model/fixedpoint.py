@@ -112,6 +112,19 @@ def _use_native(*tensors: Tensor) -> bool:
     )
 
 
+def bucketize(values: Tensor, boundaries: Tensor) -> Tensor:
+    """``torch.bucketize(values, boundaries)`` as int32 (the number of boundaries below each value;
+    NaN above all): comparisons only, so the same on every machine. The C kernel serves float32
+    CPU tensors (a branch-free binary search over two threads: the decoder's table indexes in a
+    third of PyTorch's time); PyTorch's search everything else."""
+    if _use_native(values, boundaries) and values.dtype == boundaries.dtype == torch.float32:
+        x, bounds = values.contiguous(), boundaries.contiguous()
+        out = torch.empty(x.shape, dtype=torch.int32)
+        _native.bucketize(x.data_ptr(), x.numel(), bounds.data_ptr(), bounds.numel(), out.data_ptr())
+        return out
+    return torch.bucketize(values.contiguous(), boundaries).to(torch.int32)
+
+
 @lru_cache(maxsize=1)
 def _native_tables() -> None:
     """Point the C kernels at the exp and sigmoid tables once (kept alive by their caches)."""

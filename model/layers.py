@@ -444,14 +444,17 @@ def init_layer_scales(module: nn.Module, value: float) -> nn.Module:
 
 def use_fused_kernels(module: nn.Module) -> nn.Module:
     """Let every Spatial Mix of ``module`` run inference on the fused CPU kernel
-    (:class:`SpatialMix`); returns ``module``. Modules on another device, or
-    with activations the kernels do not take, must not be switched
+    (:class:`SpatialMix`), and every module with a ``use_fused_kernel()`` method switch itself
+    (:class:`model.transforms.ConvTranspose2d` in sub-pixel form); returns ``module``. Modules on
+    another device, or with activations the kernels do not take, must not be switched
     (:func:`model.transform_kernels.usable`)."""
     if not transform_kernels.available():
         raise RuntimeError("model._transform_kernels was not built (pip install . compiles it)")
     for m in module.modules():
         if isinstance(m, SpatialMix):
             m.fused = True
+        elif callable(getattr(m, "use_fused_kernel", None)):
+            m.use_fused_kernel()
     return module
 
 

@@ -108,7 +108,10 @@ class BFloat16Gained(nn.Module):
     so, once, at construction (oneDNN's AVX512-BF16 kernels; one cast at each end, none per layer).
     Kept in float32: that image-side layer, where bfloat16's 8-bit mantissa would cost most of the
     PSNR lost (BENCHMARKS.md, "g_s and g_a in bfloat16"), the gain, and BiWKV's decay and boost (its scan
-    runs in float32 anyway, :func:`model.layers.biwkv`).
+    runs in float32 anyway, :func:`model.layers.biwkv`). g_s's image side receives the bfloat16 map:
+    PyTorch's convolution widens it first; the fused kernel (``fused_kernels``) reads it and, on a
+    CPU with AVX512-BF16, multiplies it by the weights rounded to bfloat16 with float32 sums and
+    outputs (BENCHMARKS.md, "g_s's last layer as one kernel").
     """
 
     def __init__(self, gained: Gained) -> None:
@@ -127,8 +130,8 @@ class BFloat16Gained(nn.Module):
 
     def forward(self, x: Tensor, quality: Tensor) -> Tensor:
         gain = interpolated_gain(self.log_gain, quality)
-        if self.at_input:  # g_s: latents in, pixels out
-            return self.image_side(self.body((x * gain).to(torch.bfloat16)).float())
+        if self.at_input:  # g_s: latents in, pixels out (the image side widens the map, or reads it fused)
+            return self.image_side(self.body((x * gain).to(torch.bfloat16)))
         return self.body(self.image_side(x).to(torch.bfloat16)).float() * gain
 
 

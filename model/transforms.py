@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.layers import BlockStage
+from model import transform_kernels
+from model.layers import BlockStage, exporting_onnx
 
 
 def subpixel_kernel(weight: Tensor, bias: Tensor | None, padding: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -53,12 +54,19 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     Output pixel ``2m + a`` receives input ``i`` through tap ``t`` when ``2i + t - k // 2 = 2m + a``,
     i.e. from input offset ``(a + k // 2 - t) / 2``; each phase's taps are gathered into the
     phase's output channels. The result equals the transposed convolution up to float rounding.
+
+    :meth:`use_fused_kernel` then runs that convolution and the pixel shuffle as one CPU kernel
+    (:func:`model.transform_kernels.subpixel_conv`; g_s's last layer, issue 39), which also reads a
+    bfloat16 map directly (g_s's body under precision bfloat16, multiplied in bfloat16 pairs with
+    float32 sums where the CPU has AVX512-BF16). Otherwise a map of another dtype than the weights
+    is converted first.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.register_buffer("subpixel_weight", None, persistent=False)
         self.register_buffer("subpixel_bias", None, persistent=False)
+        self.register_buffer("subpixel_packed", None, persistent=False)
         self.subpixel_pad: list[int] = [0, 0, 0, 0]
 
     @torch.no_grad()
@@ -73,8 +81,23 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         self.subpixel_bias = bias
         self.subpixel_pad = pad
 
+    @torch.no_grad()
+    def use_fused_kernel(self) -> None:
+        """Run the sub-pixel form on :func:`model.transform_kernels.subpixel_conv` (inference on the
+        CPU); a layer without a square 'same' sub-pixel kernel (odd size, equal padding) keeps
+        PyTorch's convolution."""
+        weight, pad = self.subpixel_weight, self.subpixel_pad
+        if weight is None or weight.shape[0] > transform_kernels.SUBPIXEL_MAX_OUTPUTS:
+            return
+        if pad[0] == pad[1] == pad[2] == pad[3] and weight.shape[-1] == 2 * pad[0] + 1:
+            self.subpixel_packed = transform_kernels.pack_subpixel_weight(weight)
+
     def forward(self, x: Tensor) -> Tensor:
-        sub_w, sub_b = self.subpixel_weight, self.subpixel_bias
+        sub_w, sub_b, packed = self.subpixel_weight, self.subpixel_bias, self.subpixel_packed
+        if packed is not None and sub_b is not None and not torch.is_grad_enabled() and not exporting_onnx():
+            return torch.ops.lalic.subpixel_conv(x, packed, sub_b, True)
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
         if sub_w is not None and sub_b is not None:
             pad = self.subpixel_pad
             if pad[0] == pad[1] == pad[2] == pad[3]:  # the convolution pads (no padded copy of x)

@@ -142,6 +142,34 @@ def test_nan_inputs_do_not_crash() -> None:
     assert fx.gated_residual(torch.zeros(3), torch.full((3,), float("nan")), torch.ones(3)).shape == (3,)
 
 
+def bucketize_cases(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales like the parameter networks' (log-normal), every threshold of the Gaussian's table and
+    the floats just beside each, signed zeros, infinities and NaN; the table's thresholds."""
+    from model.entropy import scale_table
+
+    t = scale_table()
+    thresholds = torch.sqrt(t[:-1] * t[1:])
+    below, above = (torch.nextafter(thresholds, torch.tensor(v)) for v in (0.0, 1e9))
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -1.0, 1e-30, 1e30])
+    values = torch.cat([(torch.randn(50_000, generator=gen) * 2).exp(), thresholds, below, above, special])
+    return values[torch.randperm(values.numel(), generator=gen)], thresholds
+
+
+def test_bucketize_gives_pytorchs_indexes() -> None:
+    """The decoder's table indexes (GaussianConditional.indexes): the C search equals
+    torch.bucketize on every value, including exact thresholds, their neighbours and NaN, for
+    boundary lists of every length from 0, with 1 and 2 threads."""
+    values, thresholds = bucketize_cases(torch.Generator().manual_seed(11))
+    for n in (0, 1, 2, 3, 7, 64, thresholds.numel()):
+        bounds = thresholds[:n]
+        want = torch.bucketize(values, bounds).to(torch.int32)
+        same_bits(lambda b=bounds: fx.bucketize(values, b))
+        assert torch.equal(fx.bucketize(values, bounds), want)
+    strided = values[:40_000].view(200, 200)[:, ::2]  # a view, as the parameter networks' halves are
+    want = torch.bucketize(strided.contiguous(), thresholds).to(torch.int32)
+    assert torch.equal(fx.bucketize(strided, thresholds), want)
+
+
 def _build(tmp: Path, march: str) -> object:
     """The same C file built for one instruction set (no clones, no OpenMP), beside the installed one."""
     include = sysconfig.get_paths()["include"]
@@ -167,6 +195,7 @@ def test_builds_for_older_cpus_give_the_same_bits(tmp_path: Path, monkeypatch, m
     wkv = fx.BiWKV(torch.linspace(-6, 6, 96), torch.randn(96, generator=gen))
     x = torch.randn(1, 12 * 16, 96, generator=gen) * 5
     w, b = torch.randn(96, generator=gen), torch.randn(96, generator=gen)
+    scales, thresholds = bucketize_cases(gen)
 
     def outputs() -> list[torch.Tensor]:
         as_map = x.view(1, 12, 16, 96).permute(0, 3, 1, 2)
@@ -179,6 +208,7 @@ def test_builds_for_older_cpus_give_the_same_bits(tmp_path: Path, monkeypatch, m
             wkv.gated(kvr),
             fx.layer_norm(x, w, b, 1e-5),
             fx.gated_residual(x, x * 3, x, w),
+            fx.bucketize(scales, thresholds),
         ]
 
     installed = outputs()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from model import transform_kernels
@@ -26,6 +27,7 @@ from model.layers import SpatialMix, biwkv_reference, reparameterize, use_fused_
 from model.metrics import psnr
 from model.paths import KODAK_DIR
 from model.stages import stage_modules
+from model.transforms import ConvTranspose2d, deconv
 
 SOURCE = Path(transform_kernels.__file__).with_name("_transform_kernels.c")
 
@@ -182,3 +184,101 @@ def test_codec_with_and_without_the_kernel(precision: str) -> None:
     rate, distortion = (0.003, 0.02) if precision == "float32" else (0.02, 0.1)
     assert abs(len(fused_stream) - len(stream)) <= rate * len(stream)
     assert abs(psnr(image, plain.decompress(fused_stream)) - psnr(image, b)) <= distortion
+
+
+# g_s's last layer: the sub-pixel convolution and the pixel shuffle as one kernel -------------
+
+
+def subpixel_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``pixel_shuffle(conv2d(x, w, b, padding=S // 2), 2)`` in float64."""
+    pad = weight.shape[-1] // 2
+    return F.pixel_shuffle(F.conv2d(x.double(), weight.double(), bias.double(), padding=pad), 2)
+
+
+SUBPIXEL_CASES = [
+    (1, 48, 16, 24, 3, 3),  # g_s's last layer of lalic-s (48 channels, k5 -> a 3x3 sub-pixel kernel)
+    (2, 5, 3, 17, 3, 3),  # a batch; a width that is not a multiple of the vector; few channels
+    (1, 47, 1, 1, 4, 3),  # one position; odd channels (the last pairs with a zero)
+    (1, 9, 6, 40, 2, 5),  # a 5x5 kernel, 8 outputs
+]
+
+
+@pytest.mark.parametrize(("b", "c", "h", "w", "cout", "size"), SUBPIXEL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_subpixel_conv_matches_convolution_and_shuffle(b, c, h, w, cout, size, dtype, threads) -> None:
+    """The float32 form equals the convolution and the shuffle to float32 rounding (bfloat16 maps
+    widened exactly); the bfloat16-pair form (AVX512-BF16) equals them with the weights rounded to
+    bfloat16. Output: channels-last float32, the shuffled layout."""
+    gen = torch.Generator().manual_seed(size * 100 + c)
+    weight = torch.randn(4 * cout, c, size, size, generator=gen) * 0.2
+    bias = torch.randn(4 * cout, generator=gen)
+    x = torch.randn(b, c, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    packed = transform_kernels.pack_subpixel_weight(weight)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        exact = torch.ops.lalic.subpixel_conv(x, packed, bias, False)
+        paired = torch.ops.lalic.subpixel_conv(x, packed, bias, True)
+    finally:
+        torch.set_num_threads(before)
+    want = subpixel_reference(x, weight, bias)
+    assert exact.shape == want.shape == (b, cout, 2 * h, 2 * w) and exact.dtype == torch.float32
+    assert exact.is_contiguous(memory_format=torch.channels_last)
+    tol = 1e-5 * max(1.0, want.abs().max().item())
+    assert (exact.double() - want).abs().max().item() <= tol
+    if transform_kernels.bf16_dot_supported(x):
+        rounded = subpixel_reference(x, weight.bfloat16().float(), bias)
+        assert (paired.double() - rounded).abs().max().item() <= tol
+        assert not torch.equal(paired, exact)  # the pair form really ran
+    else:
+        assert torch.equal(paired, exact)
+
+
+def test_subpixel_conv_refuses_what_it_does_not_compute() -> None:
+    packed = transform_kernels.pack_subpixel_weight(torch.zeros(12, 4, 3, 3))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        torch.ops.lalic.subpixel_conv(torch.zeros(1, 4, 2, 2, dtype=torch.float64), packed, torch.zeros(12))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        torch.ops.lalic.subpixel_conv(torch.zeros(1, 5, 2, 2), packed, torch.zeros(12))
+    with pytest.raises(ValueError, match="S odd"):
+        even = transform_kernels.pack_subpixel_weight(torch.zeros(12, 4, 2, 2))
+        torch.ops.lalic.subpixel_conv(torch.zeros(1, 4, 2, 2), even, torch.zeros(12))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        wide = transform_kernels.pack_subpixel_weight(torch.zeros(20, 4, 3, 3))
+        torch.ops.lalic.subpixel_conv(torch.zeros(1, 4, 2, 2), wide, torch.zeros(20))
+
+
+def test_transposed_convolution_takes_the_kernel_at_inference_only() -> None:
+    """g_s's last layer (k5, stride 2, 3 outputs) on the kernel equals the transposed convolution it
+    stands for, in float32 and from a bfloat16 map; a layer whose sub-pixel kernel is not a square
+    'same' one (k3: size 2) keeps PyTorch's convolution; training never takes it."""
+    torch.manual_seed(3)
+    last = deconv(48, 3, 5)
+    last.use_subpixel()
+    x = torch.randn(1, 48, 10, 14).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = F.conv_transpose2d(x.double(), last.weight.double(), last.bias.double(), 2, 2, 1)
+        use_fused_kernels(last)
+        assert last.subpixel_packed is not None
+        got = last(x)
+        assert (got.double() - want).abs().max().item() <= 1e-5
+        from_bf16 = last(x.bfloat16())
+        widened = F.conv_transpose2d(x.bfloat16().double(), last.weight.double(), last.bias.double(), 2, 2, 1)
+        tol = 1e-5 if not transform_kernels.bf16_dot_supported(x.bfloat16()) else 2e-2
+        assert (from_bf16.double() - widened).abs().max().item() <= tol
+    assert last(x.requires_grad_()).grad_fn is not None  # with grad: PyTorch's sub-pixel convolution
+    narrow = deconv(48, 3, 3)
+    narrow.use_subpixel()
+    use_fused_kernels(narrow)
+    assert narrow.subpixel_packed is None
+
+
+def test_scripted_synthesis_calls_the_subpixel_kernel() -> None:
+    """The codec's g_s (torchscript, both precisions) runs its last layer on the kernel, and the
+    network it was copied from does not."""
+    for precision in ("float32", "bfloat16"):
+        codec = Codec.random(backend="torchscript", synthesis_precision=precision)
+        graph = str(codec._stages.runners["synthesis"].module.graph)
+        assert "lalic::subpixel_conv" in graph
+    assert all(m.subpixel_packed is None for m in codec.net.modules() if isinstance(m, ConvTranspose2d))
