@@ -4,11 +4,13 @@ Run from the repository root with the venv active::
 
     python bench/png.py --out bench/results/png
 
-Encoders, each at deflate level 1 (``service.formats.PNG_COMPRESS_LEVEL``): Pillow; libpng through
-imagecodecs with the SUB filter and zlib's RLE strategy (the service's writer until 2026-12-07); and
-``service.formats.encode_png`` (SUB filter, libdeflate). Each image is encoded ``--runs`` times by
-every encoder, alternating; reported: the median over images of each image's median time, the total
-bytes, and whether every PNG reads back (Pillow) to the very pixels. Results: ``--out``/``png.{json,md}``.
+Encoders: Pillow, level 1; libpng through imagecodecs with the SUB filter, level 1 and zlib's RLE
+strategy (the service's writer until 2026-12-07); the SUB filter deflated by libdeflate's level 1 on
+one thread (the writer until issue 39's subpixel commit); ISA-L at levels 1 and 3 on one thread; and
+``service.formats.encode_png`` (SUB filter, ISA-L at its ``PNG_COMPRESS_LEVEL``, two parts on two
+threads). Each image is encoded ``--runs`` times by every encoder, alternating; reported: the median
+over images of each image's median time, the total bytes, and whether every PNG reads back (Pillow)
+to the very pixels. Results: ``--out``/``png.{json,md}``.
 """
 
 from __future__ import annotations
@@ -32,30 +34,50 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(1, str(ROOT))
 from codec import machine  # noqa: E402
+from isal import isal_zlib  # noqa: E402
 
 from model.paths import KODAK_DIR  # noqa: E402
-from service.formats import PNG_COMPRESS_LEVEL, encode_png  # noqa: E402
+from service.formats import encode_png, png_file, png_filtered_rows  # noqa: E402
+
+LEVEL = 1
+"""The zlib-family level of the reference encoders (the service's before ISA-L)."""
 
 
 def pillow(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=LEVEL)
     return buffer.getvalue()
 
 
 def libpng_sub_rle(image: np.ndarray) -> bytes:
     return imagecodecs.png_encode(
         image,
-        level=PNG_COMPRESS_LEVEL,
+        level=LEVEL,
         strategy=imagecodecs.PNG.STRATEGY.RLE,
         filter=imagecodecs.PNG.FILTER.SUB,
     )
 
 
+def libdeflate_sub(image: np.ndarray) -> bytes:
+    stream = imagecodecs.deflate_encode(png_filtered_rows(image), level=LEVEL)
+    return png_file(image.shape[1], image.shape[0], stream)
+
+
+def isal_sub(level: int) -> Callable[[np.ndarray], bytes]:
+    def encode(image: np.ndarray) -> bytes:
+        stream = isal_zlib.compress(png_filtered_rows(image), level)
+        return png_file(image.shape[1], image.shape[0], stream)
+
+    return encode
+
+
 ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {
     "Pillow, level 1": pillow,
     "libpng, level 1, SUB filter, RLE strategy": libpng_sub_rle,
-    "service.formats.encode_png: SUB filter, libdeflate level 1": encode_png,
+    "SUB filter, libdeflate level 1, one thread": libdeflate_sub,
+    "SUB filter, ISA-L level 1, one thread": isal_sub(1),
+    "SUB filter, ISA-L level 3, one thread": isal_sub(3),
+    "service.formats.encode_png: SUB filter, ISA-L level 3, two parts on two threads": encode_png,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import httpx
 import imagecodecs
@@ -69,9 +70,9 @@ def test_every_encoder_limit_is_pillows() -> None:
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 1, 3), (3, 1_000_001, 3), (512, 768, 3)])
 def test_png_output_is_exact(shape: tuple[int, int, int], monkeypatch) -> None:
-    """Our PNG writer (SUB filter, libdeflate): Pillow and libpng read back the very pixels, at any
+    """Our PNG writer (SUB filter, ISA-L): Pillow and libpng read back the very pixels, at any
     width (libpng stops at a million pixels a side, its default user limit: Pillow reads wider ones)
-    and with the stream split over several IDATs."""
+    and with the stream split over several IDATs; large images in parts deflated on two threads."""
     monkeypatch.setattr(formats, "PNG_IDAT_BYTES", 1000)
     image = np.random.default_rng(shape[1]).integers(0, 256, shape, dtype=np.uint8)
     image[: shape[0] // 2] //= 16  # some runs that compress
@@ -81,6 +82,22 @@ def test_png_output_is_exact(shape: tuple[int, int, int], monkeypatch) -> None:
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
     if shape[1] <= 1_000_000:
         assert np.array_equal(imagecodecs.png_decode(data), image)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_rows_deflated_in_parts_form_one_zlib_stream(parts: int, monkeypatch) -> None:
+    """deflate_rows: below the size threshold one zlib stream; above it, ``parts`` runs of whole rows,
+    all but the last ending in a sync flush (the empty stored block 00 00 ff ff), joined into one
+    stream that zlib inflates to the very bytes and checks (Adler-32); a part boundary falls on a
+    row boundary even when the rows do not divide evenly."""
+    monkeypatch.setattr(formats, "PNG_PARTS", parts)
+    rng = np.random.default_rng(parts)
+    rows = rng.integers(0, 8, (301, 1537), dtype=np.uint8)  # 462 637 bytes: above the threshold
+    stream = formats.deflate_rows(rows)
+    assert zlib.decompress(stream) == rows.tobytes()
+    assert (b"\x00\x00\xff\xff" in stream) == (parts > 1)
+    small = rows[:10]  # below the threshold: one part whatever PNG_PARTS says
+    assert zlib.decompress(formats.deflate_rows(small)) == small.tobytes()
 
 
 @pytest.mark.parametrize(
