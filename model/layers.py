@@ -20,8 +20,11 @@ from model import transform_kernels  # registers torch.ops.lalic.biwkv_gated, wh
 CHUNK = 64
 """Tokens per chunk in :func:`biwkv`."""
 
-MIX_TOKENS = 2048
-"""Tokens per slab in the eager-inference Channel Mix (keeps the 4C hidden layer in L2 cache)."""
+MIX_SLAB_BYTES = 1 << 22
+"""Bytes of the 4C hidden layer per slab in the inference Channel Mix: slabs of 4 MiB (8192 tokens
+at g_s's 72 channels in bfloat16, 3640 in float32) took 4-8 % less time for g_a and g_s than slabs
+of 2048 tokens, and than no slabs (BENCHMARKS.md, "g_s's last layer as one kernel, and PNG on two
+threads")."""
 
 
 def eager_inference() -> bool:
@@ -373,22 +376,23 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(channels, ratio * channels, bias=False)
         self.value = nn.Linear(ratio * channels, channels, bias=False)
         self.receptance = nn.Linear(channels, channels, bias=False)
-        self.slab_tokens = MIX_TOKENS
+        self.slab_bytes = MIX_SLAB_BYTES
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         x = map_to_tokens(self.shift(tokens_to_map(x, height, width)))
-        if eager_inference() and x.shape[1] > self.slab_tokens:
-            return self._forward_slabs(x)
+        if eager_inference():
+            slab = max(1, self.slab_bytes // (self.key.out_features * x.element_size()))
+            if x.shape[1] > slab:
+                return self._forward_slabs(x, slab)
         return torch.sigmoid(self.receptance(x)) * self.value(torch.relu(self.key(x)).square())
 
-    def _forward_slabs(self, x: Tensor) -> Tensor:
-        """The same function, computed in slabs of :data:`MIX_TOKENS` tokens with in-place ops.
+    def _forward_slabs(self, x: Tensor, n: int) -> Tensor:
+        """The same function, computed in slabs of ``n`` tokens with in-place ops.
 
-        The ``(T, ratio * C)`` hidden activation then stays in cache instead of making four
-        trips through memory (measured 65 -> 40 ms at C=48, T=98304, one thread).
+        The ``(n, ratio * C)`` hidden activation then stays in cache instead of making four
+        trips through memory (measured 65 -> 40 ms at C=48, T=98304, one thread, with 2048 tokens).
         """
         out = torch.empty_like(x)
-        n = self.slab_tokens
         for start in range(0, x.shape[1], n):
             xs = x[:, start : start + n]
             hidden = self.key(xs).relu_()

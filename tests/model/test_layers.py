@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.layers import BiRWKVBlock, OmniShift, biwkv, biwkv_reference, reparameterize
+from model.layers import BiRWKVBlock, ChannelMix, OmniShift, biwkv, biwkv_reference, reparameterize
 
 
 def _inputs(batch: int, channels: int, t: int, seed: int, k_span: float = 40.0, decay_max: float = 8.0):
@@ -135,3 +135,24 @@ def test_block_fold_keeps_output_and_shape() -> None:
         y2 = block(x, 6, 10)
     assert y.shape == x.shape
     assert torch.allclose(y, y2, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_mix_slabs_hold_a_fixed_number_of_bytes(dtype: torch.dtype) -> None:
+    """Inference computes the Channel Mix in slabs whose 4C hidden layer holds ``slab_bytes``
+    (MIX_SLAB_BYTES): as many tokens as fit, the last slab partial; the result equals the
+    unsliced function's."""
+    torch.manual_seed(4)
+    mix = ChannelMix(8).eval().to(dtype)
+    x = torch.randn(1, 5 * 7, 8).to(dtype)
+    rows: list[int] = []
+    mix.key.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    with torch.no_grad():
+        mix.slab_bytes = 1 << 30
+        whole = mix(x, 5, 7)
+        assert rows == [35]
+        rows.clear()
+        mix.slab_bytes = 32 * x.element_size() * 10  # ten tokens of the 32-wide hidden layer
+        sliced = mix(x, 5, 7)
+    assert rows == [10, 10, 10, 5]
+    torch.testing.assert_close(sliced, whole, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
