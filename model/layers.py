@@ -21,8 +21,8 @@ CHUNK = 64
 """Tokens per chunk in :func:`biwkv`."""
 
 MIX_SLAB_BYTES = 1 << 22
-"""Bytes of the 4C hidden layer per slab in the inference Channel Mix: slabs of 4 MiB (8192 tokens
-at g_s's 72 channels in bfloat16, 3640 in float32) took 4-8 % less time for g_a and g_s than slabs
+"""Bytes of the 4C hidden layer per slab in the inference Channel Mix: slabs of about 4 MiB (7281
+tokens at g_s's 72 channels in bfloat16, 3640 in float32) took less time for g_a and g_s than slabs
 of 2048 tokens, and than no slabs (BENCHMARKS.md, "g_s's last layer as one kernel, and PNG on two
 threads")."""
 

@@ -35,6 +35,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 SUBPIXEL_MAX_OUTPUTS = 16
 """Most output channels (4 per channel of the shuffled map) of :func:`subpixel_conv`: its
 accumulators stay in vector registers."""
+SUBPIXEL_MAX_SIZE = 15
+"""Largest (odd) kernel side of :func:`subpixel_conv`."""
 
 
 def available() -> bool:
@@ -98,9 +100,16 @@ def subpixel_conv(x: Tensor, packed_weight: Tensor, bias: Tensor, bf16_products:
     size, size2, c, n = packed_weight.shape
     if x.dtype not in SUPPORTED_DTYPES or x.dim() != 4 or x.shape[1] != c:
         raise ValueError(f"subpixel_conv: (B, {c}, H, W) float32 or bfloat16, got {x.dtype} {tuple(x.shape)}")
-    if size != size2 or size % 2 == 0 or n % 4 or not 4 <= n <= SUBPIXEL_MAX_OUTPUTS or bias.shape != (n,):
+    if (
+        size != size2
+        or size % 2 == 0
+        or size > SUBPIXEL_MAX_SIZE
+        or n % 4
+        or not 4 <= n <= SUBPIXEL_MAX_OUTPUTS
+        or bias.shape != (n,)
+    ):
         raise ValueError(
-            f"subpixel_conv: packed weight (S, S, C, N), S odd, N in 4..16 and a multiple of 4, "
+            f"subpixel_conv: packed weight (S, S, C, N), S odd up to 15, N in 4..16 and a multiple of 4, "
             f"bias (N,); got {tuple(packed_weight.shape)}, {tuple(bias.shape)}"
         )
     b, _, h, w = x.shape

@@ -80,6 +80,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         self.subpixel_weight = weight.contiguous(memory_format=torch.channels_last)
         self.subpixel_bias = bias
         self.subpixel_pad = pad
+        self.subpixel_packed = None  # a fused kernel's packing of earlier weights must not survive
 
     @torch.no_grad()
     def use_fused_kernel(self) -> None:
@@ -88,6 +89,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         PyTorch's convolution."""
         weight, pad = self.subpixel_weight, self.subpixel_pad
         if weight is None or weight.shape[0] > transform_kernels.SUBPIXEL_MAX_OUTPUTS:
+            return
+        if weight.shape[-1] > transform_kernels.SUBPIXEL_MAX_SIZE:
             return
         if pad[0] == pad[1] == pad[2] == pad[3] and weight.shape[-1] == 2 * pad[0] + 1:
             self.subpixel_packed = transform_kernels.pack_subpixel_weight(weight)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -168,6 +169,7 @@ def png_file(width: int, height: int, stream: bytes | memoryview) -> bytes:
 
 
 _deflate_pool: ThreadPoolExecutor | None = None
+_deflate_pool_lock = threading.Lock()
 
 
 def _raw_deflate(data: memoryview, last: bool) -> bytes:
@@ -187,11 +189,12 @@ def deflate_rows(rows: np.ndarray) -> bytes:
     they join into one DEFLATE stream (pigz's method; a run's matches never reach into an earlier
     run); the Adler-32 of all the bytes closes the stream."""
     global _deflate_pool
-    data = memoryview(np.ascontiguousarray(rows)).cast("B")
+    data = memoryview(np.ascontiguousarray(rows).reshape(-1))  # flat uint8 (also when empty)
     if data.nbytes < PNG_PART_MIN_BYTES or PNG_PARTS < 2 or rows.shape[0] < PNG_PARTS:
         return isal_zlib.compress(data, PNG_COMPRESS_LEVEL)
-    if _deflate_pool is None:
-        _deflate_pool = ThreadPoolExecutor(max_workers=PNG_PARTS - 1, thread_name_prefix="png-deflate")
+    with _deflate_pool_lock:
+        if _deflate_pool is None:
+            _deflate_pool = ThreadPoolExecutor(max_workers=PNG_PARTS - 1, thread_name_prefix="png-deflate")
     cuts = [rows.shape[1] * (rows.shape[0] * i // PNG_PARTS) for i in range(PNG_PARTS + 1)]
     parts = [data[lo:hi] for lo, hi in zip(cuts, cuts[1:], strict=False)]
     pending = [_deflate_pool.submit(_raw_deflate, part, False) for part in parts[:-1]]

@@ -272,6 +272,8 @@ def test_transposed_convolution_takes_the_kernel_at_inference_only() -> None:
     narrow.use_subpixel()
     use_fused_kernels(narrow)
     assert narrow.subpixel_packed is None
+    last.use_subpixel()  # new sub-pixel weights drop the packing of the old ones
+    assert last.subpixel_packed is None
 
 
 def test_scripted_synthesis_calls_the_subpixel_kernel() -> None:

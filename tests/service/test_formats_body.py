@@ -98,6 +98,7 @@ def test_rows_deflated_in_parts_form_one_zlib_stream(parts: int, monkeypatch) ->
     assert (b"\x00\x00\xff\xff" in stream) == (parts > 1)
     small = rows[:10]  # below the threshold: one part whatever PNG_PARTS says
     assert zlib.decompress(formats.deflate_rows(small)) == small.tobytes()
+    assert zlib.decompress(formats.deflate_rows(rows[:0])) == b""  # no rows at all
 
 
 @pytest.mark.parametrize(
