@@ -20,11 +20,11 @@ from model import transform_kernels  # registers torch.ops.lalic.biwkv_gated, wh
 CHUNK = 64
 """Tokens per chunk in :func:`biwkv`."""
 
-MIX_SLAB_BYTES = 1 << 22
-"""Bytes of the 4C hidden layer per slab in the inference Channel Mix: slabs of about 4 MiB (7281
-tokens at g_s's 72 channels in bfloat16, 3640 in float32) took less time for g_a and g_s than slabs
-of 2048 tokens, and than no slabs (BENCHMARKS.md, "g_s's last layer as one kernel, and PNG on two
-threads")."""
+MIX_TOKENS = 2048
+"""Tokens per slab in the inference Channel Mix (keeps the 4C hidden layer in cache). Larger slabs
+(4 MiB of hidden layer) were 1-8 % faster for g_a, but made a float32 g_a's oneDNN products, and so
+some streams, differ between one and two threads (BENCHMARKS.md, "g_s's last layer as one kernel,
+and PNG on two threads")."""
 
 
 def eager_inference() -> bool:
@@ -376,14 +376,12 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(channels, ratio * channels, bias=False)
         self.value = nn.Linear(ratio * channels, channels, bias=False)
         self.receptance = nn.Linear(channels, channels, bias=False)
-        self.slab_bytes = MIX_SLAB_BYTES
+        self.slab_tokens = MIX_TOKENS
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         x = map_to_tokens(self.shift(tokens_to_map(x, height, width)))
-        if eager_inference():
-            slab = max(1, self.slab_bytes // (self.key.out_features * x.element_size()))
-            if x.shape[1] > slab:
-                return self._forward_slabs(x, slab)
+        if eager_inference() and x.shape[1] > self.slab_tokens:
+            return self._forward_slabs(x, self.slab_tokens)
         return torch.sigmoid(self.receptance(x)) * self.value(torch.relu(self.key(x)).square())
 
     def _forward_slabs(self, x: Tensor, n: int) -> Tensor:

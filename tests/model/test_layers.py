@@ -138,21 +138,20 @@ def test_block_fold_keeps_output_and_shape() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_channel_mix_slabs_hold_a_fixed_number_of_bytes(dtype: torch.dtype) -> None:
-    """Inference computes the Channel Mix in slabs whose 4C hidden layer holds ``slab_bytes``
-    (MIX_SLAB_BYTES): as many tokens as fit, the last slab partial; the result equals the
-    unsliced function's."""
+def test_channel_mix_slabs(dtype: torch.dtype) -> None:
+    """Inference computes the Channel Mix in slabs of ``slab_tokens`` (MIX_TOKENS), the last one
+    partial; the result equals the unsliced function's."""
     torch.manual_seed(4)
     mix = ChannelMix(8).eval().to(dtype)
     x = torch.randn(1, 5 * 7, 8).to(dtype)
     rows: list[int] = []
     mix.key.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
     with torch.no_grad():
-        mix.slab_bytes = 1 << 30
+        mix.slab_tokens = 1 << 30
         whole = mix(x, 5, 7)
         assert rows == [35]
         rows.clear()
-        mix.slab_bytes = 32 * x.element_size() * 10  # ten tokens of the 32-wide hidden layer
+        mix.slab_tokens = 10
         sliced = mix(x, 5, 7)
     assert rows == [10, 10, 10, 5]
     torch.testing.assert_close(sliced, whole, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
