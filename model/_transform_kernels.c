@@ -339,18 +339,35 @@ static PyObject *py_biwkv_gated(PyObject *self, PyObject *args) {
 #define LANES 16
 #define SUBPIXEL_MAX_OUT 16
 
+/* Prepare a plane of `rows` rows of 4-byte words (float32 values or bfloat16 pairs) for input row
+ * i: all zeros for a row outside the map (returns 0), else zero margins [0, pad) and [pad + w,
+ * pitch) around the w positions the caller fills (returns 1). */
+static int clear_plane(void *plane, i64 rows, i64 h, i64 w, i64 i, int pad, i64 pitch) {
+    uint32_t *words = plane;
+    if (i < 0 || i >= h) {
+        memset(words, 0, sizeof(uint32_t) * (size_t)(rows * pitch));
+        return 0;
+    }
+    for (i64 c = 0; c < rows; c++) {
+        uint32_t *row = words + c * pitch;
+        memset(row, 0, sizeof(uint32_t) * (size_t)pad);
+        memset(row + pad + w, 0, sizeof(uint32_t) * (size_t)(pitch - pad - w));
+    }
+    return 1;
+}
+
+/* A thread's ring of S planes: row r of output row i (input row i - pad + r) lives in slot
+ * (i + r) % S. Points planes[r] at those slots and returns the first r whose row is not loaded
+ * yet: all of them at the band's first row, afterwards only the newest. */
+static int ring_planes(char *ring, size_t plane_bytes, int size, i64 i, i64 i_lo, void **planes) {
+    for (int r = 0; r < size; r++) planes[r] = ring + (size_t)((i + r) % size) * plane_bytes;
+    return i == i_lo ? 0 : size - 1;
+}
+
 /* Input row i (zeros outside the map) as planes: plane[c * pitch + pad + j] = x[i, j, c]. */
 static void load_plane(const void *x, int bf16, i64 h, i64 w, i64 c_len, i64 i, int pad, i64 pitch,
                        float *plane) {
-    if (i < 0 || i >= h) {
-        memset(plane, 0, sizeof(float) * (size_t)(c_len * pitch));
-        return;
-    }
-    for (i64 c = 0; c < c_len; c++) {
-        float *row = plane + c * pitch;
-        for (int j = 0; j < pad; j++) row[j] = 0.0f;
-        for (i64 j = pad + w; j < pitch; j++) row[j] = 0.0f;
-    }
+    if (!clear_plane(plane, c_len, h, w, i, pad, pitch)) return;
     const i64 base = i * w * c_len;
     if (bf16) {
         const uint16_t *p = (const uint16_t *)x + base;
@@ -412,13 +429,8 @@ static void subpixel_rows(const void *x, int bf16, i64 h, i64 w, i64 c_len, cons
     float *planes[16];
     float acc[SUBPIXEL_MAX_OUT][LANES];
     for (i64 i = i_lo; i < i_hi; i++) {
-        /* rows i - pad .. i + pad live in ring slot (row + pad) % size; load the ones not there yet */
-        for (int r = 0; r < size; r++) {
-            const i64 row = i - pad + r;
-            float *slot = ring + ((row + pad) % size) * c_len * pitch;
-            if (i == i_lo || r == size - 1) load_plane(x, bf16, h, w, c_len, row, pad, pitch, slot);
-            planes[r] = slot;
-        }
+        int r = ring_planes((char *)ring, sizeof(float) * (size_t)(c_len * pitch), size, i, i_lo, (void **)planes);
+        for (; r < size; r++) load_plane(x, bf16, h, w, c_len, i - pad + r, pad, pitch, planes[r]);
         for (i64 blk = 0; blk < blocks; blk++) {
             const i64 j0 = blk * LANES;
             if (n_out == 12)
@@ -438,15 +450,7 @@ static void subpixel_rows(const void *x, int bf16, i64 h, i64 w, i64 c_len, cons
 static void load_pair_plane(const uint16_t *x, i64 h, i64 w, i64 c_len, i64 i, int pad, i64 pitch,
                             uint32_t *plane) {
     const i64 pairs = (c_len + 1) / 2;
-    if (i < 0 || i >= h) {
-        memset(plane, 0, sizeof(uint32_t) * (size_t)(pairs * pitch));
-        return;
-    }
-    for (i64 p = 0; p < pairs; p++) {
-        uint32_t *row = plane + p * pitch;
-        for (int j = 0; j < pad; j++) row[j] = 0;
-        for (i64 j = pad + w; j < pitch; j++) row[j] = 0;
-    }
+    if (!clear_plane(plane, pairs, h, w, i, pad, pitch)) return;
     const uint16_t *src = x + i * w * c_len;
     for (i64 j = 0; j < w; j++, src += c_len) {
         for (i64 p = 0; p < c_len / 2; p++) {
@@ -487,12 +491,8 @@ subpixel_rows_bf16(const uint16_t *x, i64 h, i64 w, i64 c_len, const uint32_t *w
     uint32_t *planes[16];
     float acc[SUBPIXEL_MAX_OUT][LANES];
     for (i64 i = i_lo; i < i_hi; i++) {
-        for (int r = 0; r < size; r++) {
-            const i64 row = i - pad + r;
-            uint32_t *slot = ring + ((row + pad) % size) * pairs * pitch;
-            if (i == i_lo || r == size - 1) load_pair_plane(x, h, w, c_len, row, pad, pitch, slot);
-            planes[r] = slot;
-        }
+        int r = ring_planes((char *)ring, sizeof(uint32_t) * (size_t)(pairs * pitch), size, i, i_lo, (void **)planes);
+        for (; r < size; r++) load_pair_plane(x, h, w, c_len, i - pad + r, pad, pitch, planes[r]);
         for (i64 blk = 0; blk < blocks; blk++) {
             const i64 j0 = blk * LANES;
             if (n_out == 12)

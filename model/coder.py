@@ -320,8 +320,8 @@ class SymbolDecoder:
             raise CoderError("range decoder produced a symbol outside its table")
         overflow = grouped == pmf_len
         values = np.empty(idx.size, dtype=np.int32)
-        # int32 throughout (a table's symbols and offsets are small): a scatter that converts costs 9x
-        values[order] = grouped + np.repeat(tables.offsets.astype(np.int32, copy=False), counts)
+        # int32 throughout (grouped and the tables' offsets): a scatter that converts costs 9x
+        values[order] = grouped + np.repeat(tables.offsets, counts)
         if overflow.any():
             positions = np.sort(order[overflow])  # escapes are stored in C order of their positions
             first, self._next_escape = self._next_escape, self._next_escape + positions.size

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import pairwise
 
 import numpy as np
 from isal import isal_zlib
@@ -168,8 +168,8 @@ def png_file(width: int, height: int, stream: bytes | memoryview) -> bytes:
     return b"".join((PNG_SIGNATURE, _png_chunk(b"IHDR", header), *idat, _png_chunk(b"IEND", b"")))
 
 
-_deflate_pool: ThreadPoolExecutor | None = None
-_deflate_pool_lock = threading.Lock()
+_deflate_pool = ThreadPoolExecutor(max_workers=max(1, PNG_PARTS - 1), thread_name_prefix="png-deflate")
+"""Deflates the runs before the last (:func:`deflate_rows`); its thread starts at the first use."""
 
 
 def _raw_deflate(data: memoryview, last: bool) -> bytes:
@@ -188,15 +188,11 @@ def deflate_rows(rows: np.ndarray) -> bytes:
     library releases the GIL), each run's blocks ending in a sync flush except the last's, so that
     they join into one DEFLATE stream (pigz's method; a run's matches never reach into an earlier
     run); the Adler-32 of all the bytes closes the stream."""
-    global _deflate_pool
     data = memoryview(np.ascontiguousarray(rows).reshape(-1))  # flat uint8 (also when empty)
     if data.nbytes < PNG_PART_MIN_BYTES or PNG_PARTS < 2 or rows.shape[0] < PNG_PARTS:
         return isal_zlib.compress(data, PNG_COMPRESS_LEVEL)
-    with _deflate_pool_lock:
-        if _deflate_pool is None:
-            _deflate_pool = ThreadPoolExecutor(max_workers=PNG_PARTS - 1, thread_name_prefix="png-deflate")
     cuts = [rows.shape[1] * (rows.shape[0] * i // PNG_PARTS) for i in range(PNG_PARTS + 1)]
-    parts = [data[lo:hi] for lo, hi in zip(cuts, cuts[1:], strict=False)]
+    parts = [data[lo:hi] for lo, hi in pairwise(cuts)]
     pending = [_deflate_pool.submit(_raw_deflate, part, False) for part in parts[:-1]]
     tail = _raw_deflate(parts[-1], True)
     checksum = struct.pack(">I", isal_zlib.adler32(data))
