@@ -21,6 +21,8 @@
  * subpixel_conv: g_s's last layer (the sub-pixel convolution and the pixel shuffle in one pass),
  * described where it is defined below.
  *
+ * residual_norm: a Bi-RWKV block's residual and the LayerNorm after it, one pass over a token map.
+ *
  * Inputs and outputs are float32 or bfloat16 (the dtype of g_s's body under precision bfloat16):
  * read by widening the bits, written rounded to nearest even. Functions take data pointers as
  * integers (torch.Tensor.data_ptr()), trust their caller (model/layers.py) for shapes and
@@ -581,9 +583,149 @@ static PyObject *py_subpixel_conv(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+#define SUM_LANES 16
+#define NORM_ROWS 16 /* rows whose statistics are computed side by side */
+typedef float sum_vector __attribute__((vector_size(4 * SUM_LANES)));
+typedef float half_vector __attribute__((vector_size(2 * SUM_LANES)));
+typedef float quarter_vector __attribute__((vector_size(SUM_LANES)));
+
+/* The sum of a vector's lanes as a tree of vector additions (not a chain of dependent scalar ones). */
+static inline __attribute__((always_inline)) float lane_sum(sum_vector v) {
+    half_vector h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    quarter_vector q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+/* The sum of the first n floats of a row held in a buffer padded with zeros to a multiple of
+ * SUM_LANES (squares 0), or of their squared deviations from `centre` (squares 1; the padding masked out). */
+static inline __attribute__((always_inline)) float row_sum(const float *s, i64 n, int squares, float centre) {
+    const i64 full = n / SUM_LANES, rest = n % SUM_LANES;
+    sum_vector acc = {0}, v;
+    for (i64 k = 0; k < full; k++) {
+        memcpy(&v, s + k * SUM_LANES, sizeof v);
+        if (squares) v -= centre;
+        acc += squares ? v * v : v;
+    }
+    if (rest) {
+        sum_vector mask = {0};
+        for (int l = 0; l < rest; l++) mask[l] = 1.0f;
+        memcpy(&v, s + full * SUM_LANES, sizeof v);
+        if (squares) v = (v - centre) * mask;
+        acc += squares ? v * v : v;
+    }
+    return lane_sum(acc);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * residual_norm: the residual and the LayerNorm that follows it in a Bi-RWKV block (LALIC Sec. 3.2,
+ * pre-norm: x <- x + gamma * branch; the next half reads LayerNorm(x)) as one pass over the rows:
+ *     s = x + gamma * branch                                  (when a branch is given, else s = x)
+ *     n = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias  (when a weight is given)
+ * s is rounded to the map's dtype before the statistics are taken (PyTorch's addcmul then
+ * layer_norm, each rounding once); mean and the biased variance are float32 sums over the row,
+ * two passes. Rows are independent: the result does not depend on the thread count.
+ */
+MULTIVERSION
+static void residual_norm_rows(const void *x, const void *branch, const float *gamma, const float *weight,
+                               const float *bias, float eps, int bf16, i64 lo, i64 hi, i64 c_len, void *sum_out,
+                               void *norm_out, float *buf) {
+    const i64 padded = (c_len + SUM_LANES - 1) / SUM_LANES * SUM_LANES;
+    float mean[NORM_ROWS], rstd[NORM_ROWS];
+    memset(buf, 0, sizeof(float) * (size_t)(NORM_ROWS * padded)); /* the padding stays zero */
+    for (i64 i0 = lo; i0 < hi; i0 += NORM_ROWS) {
+        const int rows = hi - i0 < NORM_ROWS ? (int)(hi - i0) : NORM_ROWS;
+        for (int r = 0; r < rows; r++) {
+            const i64 at = (i0 + r) * c_len;
+            float *s = buf + r * padded;
+            if (bf16) {
+                const uint16_t *p = (const uint16_t *)x + at, *q = (const uint16_t *)branch + at;
+                uint16_t *o = (uint16_t *)sum_out + at;
+                if (branch) {
+                    #pragma omp simd
+                    for (i64 j = 0; j < c_len; j++) {
+                        o[j] = float_to_bf16(bf16_to_float(p[j]) + gamma[j] * bf16_to_float(q[j]));
+                        s[j] = bf16_to_float(o[j]);
+                    }
+                } else {
+                    #pragma omp simd
+                    for (i64 j = 0; j < c_len; j++) s[j] = bf16_to_float(p[j]);
+                }
+            } else {
+                const float *p = (const float *)x + at, *q = (const float *)branch + at;
+                float *o = (float *)sum_out + at;
+                if (branch) {
+                    #pragma omp simd
+                    for (i64 j = 0; j < c_len; j++) s[j] = o[j] = p[j] + gamma[j] * q[j];
+                } else {
+                    memcpy(s, p, sizeof(float) * (size_t)c_len);
+                }
+            }
+        }
+        if (!weight) continue;
+        /* the rows' statistics are independent chains: computed side by side, they overlap */
+        for (int r = 0; r < rows; r++) mean[r] = row_sum(buf + r * padded, c_len, 0, 0.0f) / (float)c_len;
+        for (int r = 0; r < rows; r++)
+            rstd[r] = 1.0f / sqrtf(row_sum(buf + r * padded, c_len, 1, mean[r]) / (float)c_len + eps);
+        for (int r = 0; r < rows; r++) {
+            const i64 at = (i0 + r) * c_len;
+            const float *s = buf + r * padded, m = mean[r], k = rstd[r];
+            if (bf16) {
+                uint16_t *o = (uint16_t *)norm_out + at;
+                #pragma omp simd
+                for (i64 j = 0; j < c_len; j++) o[j] = float_to_bf16((s[j] - m) * k * weight[j] + bias[j]);
+            } else {
+                float *o = (float *)norm_out + at;
+                #pragma omp simd
+                for (i64 j = 0; j < c_len; j++) o[j] = (s[j] - m) * k * weight[j] + bias[j];
+            }
+        }
+    }
+}
+
+/* Threads for a pass over `values` values: one below PARALLEL_MIN (waking a second costs more). */
+static int pass_threads(i64 values, i64 rows, int threads) {
+    if (threads < 1 || values < PARALLEL_MIN) return 1;
+    return rows < threads ? (int)(rows > 0 ? rows : 1) : threads;
+}
+
+static PyObject *py_residual_norm(PyObject *self, PyObject *args) {
+    unsigned long long x, branch, gamma, weight, bias, sum_out, norm_out;
+    long long rows, c_len;
+    int bf16, threads;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KKKKKfLLpKKi", &x, &branch, &gamma, &weight, &bias, &eps, &rows, &c_len, &bf16,
+                          &sum_out, &norm_out, &threads))
+        return NULL;
+    if ((branch && (!gamma || !sum_out)) || (weight && (!bias || !norm_out)) || c_len < 1) {
+        PyErr_SetString(PyExc_ValueError, "residual_norm: a branch needs gamma and a sum, a weight a bias and an output");
+        return NULL;
+    }
+    threads = pass_threads(rows * c_len, rows, threads);
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const i64 padded = (c_len + SUM_LANES - 1) / SUM_LANES * SUM_LANES;
+    float *bufs = malloc(sizeof(float) * (size_t)(NORM_ROWS * padded * threads));
+    if (!bufs) {
+        failed = 1;
+    } else {
+#pragma omp parallel num_threads(threads)
+        {
+            const int me = omp_get_thread_num(), parts = omp_get_num_threads();
+            residual_norm_rows(PTR(x), PTR(branch), PTR(gamma), PTR(weight), PTR(bias), eps, bf16, rows * me / parts,
+                               rows * (me + 1) / parts, c_len, PTR(sum_out), PTR(norm_out), bufs + NORM_ROWS * padded * me);
+        }
+    }
+    free(bufs);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"biwkv_gated", py_biwkv_gated, METH_VARARGS, "sigmoid(r) * BiWKV(k, v) on channels-last [k | v | r]."},
     {"subpixel_conv", py_subpixel_conv, METH_VARARGS, "S x S 'same' convolution and pixel_shuffle(2), channels-last."},
+    {"residual_norm", py_residual_norm, METH_VARARGS, "x + gamma * branch and/or its LayerNorm, row by row."},
     {"bf16_dot_supported", py_bf16_dot_supported, METH_NOARGS, "Whether this CPU has AVX512-BF16 dot products."},
     {NULL, NULL, 0, NULL},
 };

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from model import transform_kernels
+from model.context import SelectingNetworks
 from model.export import (
     FORMAT_VERSION,
     cache_dir,
@@ -97,7 +98,7 @@ class OnnxRunner:
         return tuple(torch.from_numpy(o).to(self.device) for o in outs)
 
 
-class Stages:
+class Stages(SelectingNetworks):
     """The networks of one codec behind one backend; also the :class:`~model.context.ContextNetworks`
     of the coding loop."""
 

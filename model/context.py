@@ -46,8 +46,30 @@ class ContextNetworks(Protocol):
         """Parameter network of slice ``k``: (B, n, cin) -> scales, means (B, n, g)."""
         ...
 
+    def spatial_at(self, k: int, anchors: Tensor, positions: Tensor) -> Tensor:
+        """:meth:`spatial` at the raster ``positions`` (n,) only, as tokens (B, n, 2 g)."""
+        ...
 
-class ModuleNetworks:
+    def anchor_params(self, k: int, context: Tensor, zeros: int) -> tuple[Tensor, Tensor]:
+        """:meth:`params` of tokens whose first ``zeros`` features (the spatial context, 2 g) are
+        zero, the anchors', given the others (B, n, cin - zeros)."""
+        ...
+
+
+class SelectingNetworks:
+    """:meth:`ContextNetworks.spatial_at` and :meth:`~ContextNetworks.anchor_params` from
+    ``spatial`` and ``params`` (the whole map, then the positions; zeros, then the network).
+    Implementations that can compute less override them (:class:`model.exact.ExactEntropyPath`)."""
+
+    def spatial_at(self, k: int, anchors: Tensor, positions: Tensor) -> Tensor:
+        return map_to_tokens(self.spatial(k, anchors)).index_select(1, positions)  # type: ignore[attr-defined]
+
+    def anchor_params(self, k: int, context: Tensor, zeros: int) -> tuple[Tensor, Tensor]:
+        b, n, _ = context.shape
+        return self.params(k, torch.cat([context.new_zeros(b, n, zeros), context], dim=-1))  # type: ignore[attr-defined]
+
+
+class ModuleNetworks(SelectingNetworks):
     """:class:`ContextNetworks` calling a :class:`ContextModel`'s own modules (eager PyTorch)."""
 
     def __init__(self, model: ContextModel) -> None:
@@ -270,15 +292,14 @@ class ContextModel(nn.Module):
             y_tokens = map_to_tokens(y_slices[k]).index_select(1, order) if y_slices is not None else None
             slice_tokens = hyper.new_zeros(b, h * w, g)  # y_hat of this slice, pass order
             for half, (lo, hi) in enumerate(bounds):
-                if half == 0:
-                    spatial = hyper.new_zeros(b, hi - lo, 2 * g)
+                if half == 0:  # anchors: no spatial context (zeros)
+                    scales, means = nets.anchor_params(k, ctx_tokens[:, lo:hi], 2 * g)
                 else:
                     anchor_map = hyper.new_zeros(b, h * w, g)
                     anchor_map[:, order[:n_anchor]] = slice_tokens[:, :n_anchor]
                     anchor_map = anchor_map.transpose(1, 2).reshape(b, g, h, w)
-                    spatial = map_to_tokens(nets.spatial(k, anchor_map)).index_select(1, order[lo:hi])
-                tokens = torch.cat([spatial, ctx_tokens[:, lo:hi]], dim=-1)
-                scales, means = nets.params(k, tokens)
+                    spatial = nets.spatial_at(k, anchor_map, order[lo:hi])
+                    scales, means = nets.params(k, torch.cat([spatial, ctx_tokens[:, lo:hi]], dim=-1))
                 indexes = index_fn(scales)
                 if y_tokens is not None:
                     symbols = torch.round(y_tokens[:, lo:hi] - means).to(torch.int32)

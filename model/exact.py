@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from model import fixedpoint as fx
-from model.context import ChannelContext, ContextModel, ParameterNet
+from model.context import ChannelContext, ContextModel, ParameterNet, SelectingNetworks
 from model.layers import BiRWKVBlock, BlockStage
 from model.transforms import subpixel_kernel
 
@@ -186,6 +186,7 @@ class _ParameterNet:
     """Three pointwise blocks: projection, LayerNorm, gated squared-ReLU MLP with a residual."""
 
     def __init__(self, net: ParameterNet, where: str) -> None:
+        self.spatial_width = net.blocks[-1].proj.out_features  # 2 g: the spatial context leads the inputs
         self.blocks = []
         for i, block in enumerate(net.blocks):
             name = f"{where}.blocks.{i}"
@@ -200,22 +201,28 @@ class _ParameterNet:
                 )
             )
 
+        # the anchors' first projection: their spatial context is zero, so its weight rows drop out
+        self.anchor_proj = self.blocks[0][0].without_leading_inputs(self.spatial_width)
+
     def to(self, device: torch.device | str) -> _ParameterNet:
         for proj, norm, key_receptance, value, _ in self.blocks:
             for part in (proj, norm, key_receptance, value):
                 part.to(device)
+        self.anchor_proj.to(device)
         return self
 
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        for proj, norm, key_receptance, value, hidden_width in self.blocks:
-            x = proj(x)
+    def __call__(self, x: Tensor, anchors: bool = False) -> tuple[Tensor, Tensor]:
+        """Scales and means of tokens ``x`` (B, n, cin), or with ``anchors`` of tokens whose spatial
+        context is zero given the other features (B, n, cin - 2 g): the same bits as with the zeros."""
+        for i, (proj, norm, key_receptance, value, hidden_width) in enumerate(self.blocks):
+            x = (self.anchor_proj if anchors and i == 0 else proj)(x)
             hidden, receptance = key_receptance(norm(x)).split([hidden_width, x.shape[-1]], dim=-1)
             x = fx.gated_residual(x, receptance, value(hidden, square_relu=True))
         scales, means = x.chunk(2, dim=-1)
         return scales, means
 
 
-class ExactEntropyPath:
+class ExactEntropyPath(SelectingNetworks):
     """h_s and the RWKV-SCCTX networks of one LALIC network, in the arithmetic of :mod:`model.fixedpoint`.
 
     Takes ``z_hat``, decoded slices and anchors and parameter-network tokens (any float dtype
@@ -260,8 +267,20 @@ class ExactEntropyPath:
         check_latent_range(anchors, "y_hat")
         return self._spatial[k](anchors.to(torch.float32)).permute(0, 3, 1, 2)
 
+    def spatial_at(self, k: int, anchors: Tensor, positions: Tensor) -> Tensor:
+        """The checkerboard context at the non-anchors only (half the products of :meth:`spatial`)."""
+        check_latent_range(anchors, "y_hat")
+        return self._spatial[k].at(anchors.to(torch.float32), positions)
+
     def params(self, k: int, tokens: Tensor) -> tuple[Tensor, Tensor]:
         return self._params[k](tokens.to(torch.float32))
+
+    def anchor_params(self, k: int, context: Tensor, zeros: int) -> tuple[Tensor, Tensor]:
+        """The anchors' parameters without multiplying their zero spatial context."""
+        net = self._params[k]
+        if zeros != net.spatial_width:
+            raise ValueError(f"slice {k}: the spatial context is {net.spatial_width} wide, not {zeros}")
+        return net(context.to(torch.float32), anchors=True)
 
 
 def exact_gain(log_gains: list[list[float]], quality: float) -> Tensor:

@@ -348,6 +348,17 @@ class ExactProduct:
         self.hi, self.cross = self.hi.to(device), self.cross.to(device)
         return self
 
+    def without_leading_inputs(self, n: int) -> ExactProduct:
+        """The product of inputs whose first ``n`` (of K) are zero, by the other K - n rows of W: the
+        same int32 sums (the zero terms dropped), K - n columns of digits to multiply instead of K."""
+        k = self.hi.shape[0]
+        if not 0 <= n < k:
+            raise ValueError(f"cannot drop {n} of {k} inputs")
+        sliced = object.__new__(ExactProduct)
+        sliced.hi = self.hi[n:].contiguous()
+        sliced.cross = torch.cat([self.cross[n:k], sliced.hi], dim=0)
+        return sliced
+
     def int32_parts(self, both: Tensor) -> tuple[Tensor, Tensor]:
         """The two int32 digit products ``[hi | lo] [lo(W); hi(W)]`` and ``hi hi(W)`` (CPU)."""
         hi = both[:, : self.hi.shape[0]]
@@ -418,6 +429,15 @@ class ExactLinear:
         self.scale = self.scale.to(device)
         self.bias = None if self.bias is None else self.bias.to(device)
         return self
+
+    def without_leading_inputs(self, n: int) -> ExactLinear:
+        """This layer for inputs whose first ``n`` features are zero, called on the other features:
+        the same bits (the weights keep their per-channel exponents; a row's exponent is set by its
+        largest magnitude, which the zeros do not change; the products drop zero terms only)."""
+        layer = object.__new__(ExactLinear)
+        layer.product = self.product.without_leading_inputs(n)
+        layer.scale, layer.bias, layer.out_features = self.scale, self.bias, self.out_features
+        return layer
 
     def __call__(self, x: Tensor, use_int8: bool | None = None, square_relu: bool = False) -> Tensor:
         """The layer on ``x`` (..., in), or on ``relu(x)**2`` with ``square_relu`` (Channel Mix, Eq. 4)."""
@@ -529,9 +549,9 @@ class ExactConv2d:
         acc = (cols * self.weight.to(torch.float64).view(1, c, taps, 1)).sum(2).to(torch.float32)
         return acc.view(n, c, h, w).permute(0, 2, 3, 1)
 
-    def _fused(self, x: Tensor) -> Tensor:
-        """:meth:`ExactConv2d.__call__` with the C kernels: reads ``x`` channels-first or channels-last
-        as it lies in memory (the Bi-RWKV blocks pass a permuted token map)."""
+    def _fused(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """:meth:`ExactConv2d.__call__` (or :meth:`at`) with the C kernels: reads ``x`` channels-first
+        or channels-last as it lies in memory (the Bi-RWKV blocks pass a permuted token map)."""
         b, c, h, w = x.shape
         if self.groups != 1:
             xl = x.permute(0, 2, 3, 1).contiguous()
@@ -552,8 +572,26 @@ class ExactConv2d:
             x.data_ptr(), channels_last, b, c, h, w, self._taps.data_ptr(), n_taps, self.padding,
             self.stride, ho, wo, MANTISSA_BITS, rows.data_ptr(), shifts.data_ptr(),
         )  # fmt: skip
+        if positions is not None:
+            rows = rows.view(b, ho * wo, -1).index_select(1, positions).view(b * positions.numel(), -1)
+            acc = native_product(
+                self.product, rows, shifts.repeat_interleave(positions.numel()), self.scale, self.bias
+            )
+            return acc.view(b, positions.numel(), -1)
         acc = native_product(self.product, rows, shifts.repeat_interleave(ho * wo), self.scale, self.bias)
         return acc.view(b, ho, wo, -1)
+
+    def at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """The convolution of ``x`` (B, C, H, W) at the raster ``positions`` (n,) of its output only:
+        (B, n, out) float32, the bits of ``self(x)`` at those positions (each output is its own exact
+        sum; the per-image exponent is taken over all of ``x``), for the products of n rows, not all."""
+        if self.groups != 1:
+            raise ValueError("outputs at chosen positions are for dense convolutions")
+        if _use_native(x, self.scale):
+            return self._fused(x.to(torch.float32), positions)
+        b = x.shape[0]
+        out = self(x)
+        return out.view(b, -1, out.shape[-1]).index_select(1, positions)
 
     def __call__(self, x: Tensor, native: bool | None = None) -> Tensor:
         """The convolution of ``x`` (B, C, H, W) as a channels-last ``(B, H', W', out)`` float32 map."""

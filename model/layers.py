@@ -411,8 +411,23 @@ class BiRWKVBlock(nn.Module):
         self.channel = ChannelMix(channels, ratio)
         self.gamma1 = nn.Parameter(torch.ones(channels))
         self.gamma2 = nn.Parameter(torch.ones(channels))
+        self.fused_norms = False
+        self.norm_eps = (self.norm1.eps, self.norm2.eps)  # plain floats: scripted code reads them here
+
+    def use_fused_kernel(self) -> None:
+        """Run the residuals and LayerNorms as fused passes at inference (``torch.ops.lalic.layer_norm``,
+        ``residual_layer_norm``, ``residual``) if the block is bfloat16, where PyTorch's passes are
+        slowest; a float32 block keeps them, and its results."""
+        self.fused_norms = self.norm1.weight.dtype == torch.bfloat16
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        if self.fused_norms and eager_inference() and not exporting_onnx():
+            n1, n2 = self.norm1, self.norm2
+            h = torch.ops.lalic.layer_norm(x, n1.weight, n1.bias, self.norm_eps[0])
+            x, h = torch.ops.lalic.residual_layer_norm(
+                x, self.gamma1, self.spatial(h, height, width), n2.weight, n2.bias, self.norm_eps[1]
+            )
+            return torch.ops.lalic.residual(x, self.gamma2, self.channel(h, height, width))
         x = torch.addcmul(x, self.gamma1, self.spatial(self.norm1(x), height, width))
         return torch.addcmul(x, self.gamma2, self.channel(self.norm2(x), height, width))
 
@@ -447,7 +462,8 @@ def init_layer_scales(module: nn.Module, value: float) -> nn.Module:
 def use_fused_kernels(module: nn.Module) -> nn.Module:
     """Let every Spatial Mix of ``module`` run inference on the fused CPU kernel
     (:class:`SpatialMix`), and every module with a ``use_fused_kernel()`` method switch itself
-    (:class:`model.transforms.ConvTranspose2d` in sub-pixel form); returns ``module``. Modules on
+    (:class:`model.transforms.ConvTranspose2d` in sub-pixel form; the residuals and LayerNorms of
+    bfloat16 :class:`BiRWKVBlock` s); returns ``module``. Modules on
     another device, or with activations the kernels do not take, must not be switched
     (:func:`model.transform_kernels.usable`)."""
     if not transform_kernels.available():

@@ -17,6 +17,11 @@ built, so that modules calling them can be scripted; :func:`available` says whet
   shuffled copy. A bfloat16 map on a CPU with AVX512-BF16 is multiplied in bfloat16 pairs (the
   weights rounded to bfloat16, exact products, float32 sums) unless ``bf16_products`` is False;
   otherwise float32 FMAs.
+- ``torch.ops.lalic.residual(x, gamma, branch)``, ``layer_norm(x, weight, bias, eps)`` and
+  ``residual_layer_norm(...)`` (both in one pass): a Bi-RWKV block's residuals and LayerNorms (Sec.
+  3.2) over the last dim of a float32 or bfloat16 token map, float32 statistics, rounded once to
+  the map's dtype. :class:`model.layers.BiRWKVBlock` takes them for bfloat16 blocks, where
+  PyTorch's passes are slowest (g_a 5-6 % faster; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -130,3 +135,104 @@ def _(x: Tensor, packed_weight: Tensor, bias: Tensor, bf16_products: bool = True
     b, _, h, w = x.shape
     n = packed_weight.shape[-1]
     return x.new_empty((b, 2 * h, 2 * w, n // 4), dtype=torch.float32).permute(0, 3, 1, 2)
+
+
+def _float_vector(v: Tensor, n: int, what: str) -> Tensor:
+    """``v`` as a contiguous float32 vector of length ``n`` (a ValueError naming ``what`` otherwise)."""
+    vector = v.detach().to(torch.float32).contiguous()
+    if vector.shape != (n,):
+        raise ValueError(f"{what}: ({n},), got {tuple(vector.shape)}")
+    return vector
+
+
+def _token_rows(x: Tensor, what: str) -> Tensor:
+    """``x`` contiguous, if the kernels are built and take its dtype."""
+    if _native is None:
+        raise RuntimeError("model._transform_kernels was not built (pip install . compiles it)")
+    if x.dtype not in SUPPORTED_DTYPES or x.dim() < 1:
+        raise ValueError(f"{what}: a float32 or bfloat16 token map, got {x.dtype} {tuple(x.shape)}")
+    return x.contiguous()
+
+
+def _residual_norm(
+    x: Tensor,
+    gamma: Tensor | None,
+    branch: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The C pass behind :func:`residual`, :func:`layer_norm` and :func:`residual_layer_norm`."""
+    x = _token_rows(x, "residual_norm")
+    c = x.shape[-1]
+    rows = x.numel() // c if c else 0
+    ptrs = [0, 0, 0, 0]
+    keep = []  # the float32 vectors must live until the kernel returns
+    total = normed = None
+    if branch is not None:
+        if gamma is None or branch.shape != x.shape or branch.dtype != x.dtype:
+            raise ValueError(
+                f"residual: branch {branch.dtype} {tuple(branch.shape)} for x {x.dtype} {tuple(x.shape)}"
+            )
+        branch = branch.contiguous()
+        keep += [branch, _float_vector(gamma, c, "residual gamma")]
+        ptrs[0], ptrs[1] = branch.data_ptr(), keep[-1].data_ptr()
+        total = torch.empty_like(x)
+    if weight is not None:
+        if bias is None:
+            raise ValueError("layer_norm: a weight needs a bias")
+        keep += [_float_vector(weight, c, "layer_norm weight"), _float_vector(bias, c, "layer_norm bias")]
+        ptrs[2], ptrs[3] = keep[-2].data_ptr(), keep[-1].data_ptr()
+        normed = torch.empty_like(x)
+    if rows:
+        _native.residual_norm(
+            x.data_ptr(), ptrs[0], ptrs[1], ptrs[2], ptrs[3], eps, rows, c, x.dtype == torch.bfloat16,
+            0 if total is None else total.data_ptr(), 0 if normed is None else normed.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return total, normed
+
+
+@torch.library.custom_op("lalic::residual", mutates_args=(), device_types="cpu")
+def residual(x: Tensor, gamma: Tensor, branch: Tensor) -> Tensor:
+    """``x + gamma * branch`` over the last dim (a Bi-RWKV block's residual, Sec. 3.2), rounded once
+    to ``x``'s dtype (float32 or bfloat16): PyTorch's ``addcmul`` without its slow bfloat16 path."""
+    total, _ = _residual_norm(x, gamma, branch, None, None, 0.0)
+    assert total is not None
+    return total
+
+
+@residual.register_fake
+def _(x: Tensor, gamma: Tensor, branch: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lalic::layer_norm", mutates_args=(), device_types="cpu")
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last dim (float32 statistics, output in ``x``'s dtype), one pass per row."""
+    _, normed = _residual_norm(x, None, None, weight, bias, eps)
+    assert normed is not None
+    return normed
+
+
+@layer_norm.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lalic::residual_layer_norm", mutates_args=(), device_types="cpu")
+def residual_layer_norm(
+    x: Tensor, gamma: Tensor, branch: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``s = x + gamma * branch`` (rounded to ``x``'s dtype) and ``layer_norm(s)``, in one pass:
+    the residual of a Bi-RWKV block's first half and the LayerNorm its second half reads."""
+    total, normed = _residual_norm(x, gamma, branch, weight, bias, eps)
+    assert total is not None and normed is not None
+    return total, normed
+
+
+@residual_layer_norm.register_fake
+def _(
+    x: Tensor, gamma: Tensor, branch: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ import model.fixedpoint as fx
 from model.bitstream import BitstreamError, Container, Header, pack, symbols_crc32
 from model.codec import Codec
 from model.coder import SymbolEncoder
+from model.context import SelectingNetworks, anchor_mask
 from model.exact import LATENT_LIMIT, LatentRangeError, exact_entropy_path
 from model.layers import biwkv_reference
 
@@ -205,3 +207,57 @@ def test_the_path_does_not_depend_on_threads(shipped: Codec) -> None:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
     assert math.isfinite(float(one[-1].abs().max()))
+
+
+def test_zero_leading_inputs_and_chosen_positions_change_no_bit() -> None:
+    """The anchors' first projection without their zero spatial context, and the checkerboard
+    context at the non-anchors only, give the bits of the whole computation (C kernels and the
+    PyTorch reference alike): the row exponents ignore zeros and the exact sums drop zero terms."""
+    gen = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(30, 50, generator=gen), torch.randn(30, generator=gen)
+    weight[:, :8] *= 40  # the dropped rows hold some channels' largest weights: exponents must stay
+    linear = fx.ExactLinear(weight, bias)
+    short = linear.without_leading_inputs(8)
+    rest = torch.randn(2, 37, 42, generator=gen)
+    full = torch.cat([torch.zeros(2, 37, 8), rest], dim=-1)
+    with pytest.raises(ValueError, match="cannot drop"):
+        linear.without_leading_inputs(50)
+    with fx.reference_kernels():
+        want_reference = linear(full)
+        assert torch.equal(short(rest), want_reference)
+    assert torch.equal(short(rest), linear(full)) and torch.equal(linear(full), want_reference)
+
+    taps = torch.arange(5)
+    mask = ((taps[:, None] + taps[None, :]) % 2 == 1).float()
+    conv = fx.ExactConv2d(torch.randn(6, 3, 5, 5, generator=gen) * mask, torch.randn(6, generator=gen), 2)
+    image = torch.randn(2, 3, 9, 11, generator=gen)
+    positions = torch.tensor([1, 3, 12, 50, 98, 0])
+    for native in (True, False):
+        with contextlib.nullcontext() if native else fx.reference_kernels():
+            at = conv.at(image, positions)
+            whole = conv(image)
+        assert at.shape == (2, 6, 6)
+        assert torch.equal(at, whole.reshape(2, 99, 6)[:, positions])
+    depthwise = fx.ExactConv2d(torch.randn(3, 1, 5, 5, generator=gen), None, 2, groups=3)
+    with pytest.raises(ValueError, match="dense"):
+        depthwise.at(image, positions)
+
+
+def test_the_entropy_path_computes_less_for_the_same_parameters(shipped: Codec) -> None:
+    """ExactEntropyPath's anchor parameters and non-anchor spatial context equal what the generic
+    route (zeros in the tokens, the whole map then the positions) computes, bit for bit."""
+    path = shipped._exact
+    generic = SelectingNetworks()
+    gen = torch.Generator().manual_seed(9)
+    for k, g in enumerate(shipped.net.context.slices):
+        width = path._params[k].blocks[0][0].product.hi.shape[0]
+        context = torch.randn(1, 48, width - 2 * g, generator=gen) * 3
+        want = path.params(k, torch.cat([torch.zeros(1, 48, 2 * g), context], dim=-1))
+        got = path.anchor_params(k, context, 2 * g)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        anchors = torch.round(torch.randn(1, g, 6, 8, generator=gen) * 4) * anchor_mask(6, 8)
+        positions = (~anchor_mask(6, 8)).flatten().nonzero().squeeze(1)
+        generic.spatial = path.spatial  # type: ignore[attr-defined]
+        assert torch.equal(path.spatial_at(k, anchors, positions), generic.spatial_at(k, anchors, positions))
+    with pytest.raises(ValueError, match="spatial context"):
+        path.anchor_params(0, context, 3)

@@ -9,6 +9,7 @@ and g_a take it by default.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from PIL import Image
 
 from model import transform_kernels
 from model.codec import Codec
-from model.layers import SpatialMix, biwkv_reference, reparameterize, use_fused_kernels
+from model.layers import BlockStage, SpatialMix, biwkv_reference, reparameterize, use_fused_kernels
 from model.metrics import psnr
 from model.paths import KODAK_DIR
 from model.stages import stage_modules
@@ -182,7 +183,9 @@ def test_codec_with_and_without_the_kernel(precision: str) -> None:
     assert abs(psnr(image, a) - psnr(image, b)) <= 0.01
     fused_stream = fused.compress(image, 4.0)
     rate, distortion = (0.003, 0.02) if precision == "float32" else (0.02, 0.1)
-    assert abs(len(fused_stream) - len(stream)) <= rate * len(stream)
+    # streams grow in 4-byte words of the range coder: at ~180 bytes, bfloat16 may move one word
+    slack = 0 if precision == "float32" else 4
+    assert abs(len(fused_stream) - len(stream)) <= max(rate * len(stream), slack)
     assert abs(psnr(image, plain.decompress(fused_stream)) - psnr(image, b)) <= distortion
 
 
@@ -284,3 +287,78 @@ def test_scripted_synthesis_calls_the_subpixel_kernel() -> None:
         graph = str(codec._stages.runners["synthesis"].module.graph)
         assert "lalic::subpixel_conv" in graph
     assert all(m.subpixel_packed is None for m in codec.net.modules() if isinstance(m, ConvTranspose2d))
+
+
+NORM_SHAPES = [(1, 1, 5), (2, 7, 16), (1, 300, 72), (1, 97, 130)]  # widths below, at and off the 16 lanes
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_residual_and_layer_norm_match_pytorch(shape, dtype, threads) -> None:
+    """``residual`` is PyTorch's addcmul to the bit (one rounding to the dtype); the LayerNorms are
+    PyTorch's within float32 summation order (bfloat16 outputs: at most one unit in the last place)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    c = shape[-1]
+    x, branch = (torch.randn(*shape, generator=gen).mul_(3).add_(1).to(dtype) for _ in range(2))
+    gamma, weight, bias = (torch.randn(c, generator=gen).to(dtype) for _ in range(3))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        total = torch.ops.lalic.residual(x, gamma, branch)
+        normed = torch.ops.lalic.layer_norm(x, weight, bias, 1e-5)
+        fused_total, fused_normed = torch.ops.lalic.residual_layer_norm(x, gamma, branch, weight, bias, 1e-5)
+    finally:
+        torch.set_num_threads(before)
+    want_total = torch.addcmul(x, gamma, branch)
+    assert total.dtype == dtype and torch.equal(total, want_total) and torch.equal(fused_total, want_total)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.0, rtol=2**-7)
+    torch.testing.assert_close(normed.float(), F.layer_norm(x, (c,), weight, bias, 1e-5).float(), **tol)
+    want_normed = F.layer_norm(want_total, (c,), weight, bias, 1e-5)
+    torch.testing.assert_close(fused_normed.float(), want_normed.float(), **tol)
+    assert normed.dtype == fused_normed.dtype == dtype
+
+
+def test_residual_and_layer_norm_refuse_what_they_do_not_compute() -> None:
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="branch"):
+        torch.ops.lalic.residual(x, torch.ones(8), torch.randn(4, 8).bfloat16())
+    with pytest.raises(ValueError, match=r"\(8,\)"):
+        torch.ops.lalic.layer_norm(x, torch.ones(7), torch.zeros(8), 1e-5)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        torch.ops.lalic.layer_norm(x.double(), torch.ones(8), torch.zeros(8), 1e-5)
+
+
+def bfloat16_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A bfloat16 copy with BiWKV's decay and boost kept float32, as model.stages.BFloat16Gained makes it."""
+    module = copy.deepcopy(module).to(torch.bfloat16)
+    for m in module.modules():
+        if isinstance(m, SpatialMix):
+            m.decay.data, m.boost.data = m.decay.data.float(), m.boost.data.float()
+    return module
+
+
+def test_bfloat16_blocks_take_the_fused_norms_at_inference_only() -> None:
+    """A bfloat16 Bi-RWKV block switched by use_fused_kernels computes what its PyTorch passes
+    compute (within bfloat16 rounding of the LayerNorm statistics), eager and scripted; a float32
+    block is not switched (its results stay PyTorch's); with autograd on, the PyTorch passes run."""
+    torch.manual_seed(3)
+    stage = reparameterize(BlockStage(24, depth=2, ratio=2)).eval()
+    for block in stage.blocks:
+        block.gamma1.data.uniform_(0.5, 1.5)
+        block.gamma2.data.uniform_(0.5, 1.5)
+    x = torch.randn(1, 24, 12, 20).bfloat16()
+    fused = use_fused_kernels(bfloat16_copy(stage))
+    plain = copy.deepcopy(fused)
+    for block in plain.blocks:
+        block.fused_norms = False
+    assert all(b.fused_norms for b in fused.blocks)
+    assert not any(b.fused_norms for b in use_fused_kernels(copy.deepcopy(stage)).blocks)  # float32
+    with torch.no_grad():
+        got, want = fused(x), plain(x)
+        scripted = torch.jit.freeze(torch.jit.script(fused))
+        assert "lalic::residual_layer_norm" in str(scripted.graph)
+        assert torch.equal(scripted(x), got)
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+    with torch.enable_grad():
+        assert torch.equal(fused(x), plain(x))
