@@ -54,3 +54,17 @@ def test_http_path_reports_the_servers_stages(tmp_path: Path) -> None:
         "respond",
     }
     assert rows["decompress"]["http_p50_ms"] > rows["decompress"]["stages_ms"]["codec"] > 0
+
+
+def test_entropy_weight_bits_reports_rate_changes(tmp_path: Path) -> None:
+    """Fewer weight bits cost rate (the rounded path is still decodable), and the 14-bit path is
+    left as it was for the codecs built afterwards."""
+    from model import fixedpoint as fx
+
+    bench = load_bench_script("entropy_weight_bits")
+    before = fx.quantize_weight
+    assert bench.main(["--bits", "4", "--qualities", "6", "--limit", "1", "--out", str(tmp_path)]) == 0
+    assert fx.quantize_weight is before
+    (row,) = json.loads((tmp_path / "entropy_weight_bits.json").read_text())["rows"]
+    assert row["bits"] == 4 and row["bytes"] > row["bytes_14"] > 0 and row["rate_change_pct"] > 1
+    assert "| 4 | 6 |" in (tmp_path / "entropy_weight_bits.md").read_text()
