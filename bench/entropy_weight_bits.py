@@ -78,13 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    torch.set_num_threads(2)
     files = sorted(KODAK_DIR.glob("kodim*.png"))[: args.limit]
+    if not files:
+        parser.error(f"no Kodak images in {KODAK_DIR}")
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    base = stream_bytes(fx.MANTISSA_BITS, args.qualities, images)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        base = stream_bytes(fx.MANTISSA_BITS, args.qualities, images)
+        by_bits = {bits: stream_bytes(bits, args.qualities, images) for bits in args.bits}
+    finally:
+        torch.set_num_threads(threads)
     rows = []
-    for bits in args.bits:
-        totals = stream_bytes(bits, args.qualities, images)
+    for bits, totals in by_bits.items():
         for q in args.qualities:
             change = 100.0 * (totals[q] - base[q]) / base[q]
             rows.append(

@@ -639,9 +639,10 @@ static void residual_norm_rows(const void *x, const void *branch, const float *g
             const i64 at = (i0 + r) * c_len;
             float *s = buf + r * padded;
             if (bf16) {
-                const uint16_t *p = (const uint16_t *)x + at, *q = (const uint16_t *)branch + at;
-                uint16_t *o = (uint16_t *)sum_out + at;
+                const uint16_t *p = (const uint16_t *)x + at;
                 if (branch) {
+                    const uint16_t *q = (const uint16_t *)branch + at;
+                    uint16_t *o = (uint16_t *)sum_out + at;
                     #pragma omp simd
                     for (i64 j = 0; j < c_len; j++) {
                         o[j] = float_to_bf16(bf16_to_float(p[j]) + gamma[j] * bf16_to_float(q[j]));
@@ -652,9 +653,10 @@ static void residual_norm_rows(const void *x, const void *branch, const float *g
                     for (i64 j = 0; j < c_len; j++) s[j] = bf16_to_float(p[j]);
                 }
             } else {
-                const float *p = (const float *)x + at, *q = (const float *)branch + at;
-                float *o = (float *)sum_out + at;
+                const float *p = (const float *)x + at;
                 if (branch) {
+                    const float *q = (const float *)branch + at;
+                    float *o = (float *)sum_out + at;
                     #pragma omp simd
                     for (i64 j = 0; j < c_len; j++) s[j] = o[j] = p[j] + gamma[j] * q[j];
                 } else {

@@ -31,6 +31,7 @@ accumulation, and nonlinearities with one defined rounding. The rules:
 from __future__ import annotations
 
 import contextlib
+import copy
 import decimal
 import hashlib
 from collections.abc import Iterator
@@ -354,7 +355,7 @@ class ExactProduct:
         k = self.hi.shape[0]
         if not 0 <= n < k:
             raise ValueError(f"cannot drop {n} of {k} inputs")
-        sliced = object.__new__(ExactProduct)
+        sliced = copy.copy(self)
         sliced.hi = self.hi[n:].contiguous()
         sliced.cross = torch.cat([self.cross[n:k], sliced.hi], dim=0)
         return sliced
@@ -434,9 +435,8 @@ class ExactLinear:
         """This layer for inputs whose first ``n`` features are zero, called on the other features:
         the same bits (the weights keep their per-channel exponents; a row's exponent is set by its
         largest magnitude, which the zeros do not change; the products drop zero terms only)."""
-        layer = object.__new__(ExactLinear)
+        layer = copy.copy(self)
         layer.product = self.product.without_leading_inputs(n)
-        layer.scale, layer.bias, layer.out_features = self.scale, self.bias, self.out_features
         return layer
 
     def __call__(self, x: Tensor, use_int8: bool | None = None, square_relu: bool = False) -> Tensor:

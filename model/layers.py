@@ -421,7 +421,7 @@ class BiRWKVBlock(nn.Module):
         self.fused_norms = self.norm1.weight.dtype == torch.bfloat16
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        if self.fused_norms and eager_inference() and not exporting_onnx():
+        if self.fused_norms and not x.is_cuda and eager_inference() and not exporting_onnx():
             n1, n2 = self.norm1, self.norm2
             h = torch.ops.lalic.layer_norm(x, n1.weight, n1.bias, self.norm_eps[0])
             x, h = torch.ops.lalic.residual_layer_norm(

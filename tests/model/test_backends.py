@@ -16,6 +16,7 @@ import torch
 from model.backends import OnnxRunner, Stages
 from model.bitstream import BitstreamError
 from model.codec import Codec, torch_threads
+from model.context import SelectingNetworks
 from model.export import OPSET, biwkv_function, example_inputs, read_manifest
 from model.layers import BIWKV_DOMAIN, biwkv, biwkv_branch_free
 from model.stages import stage_modules
@@ -192,8 +193,9 @@ def test_every_backend_decodes_every_backend(codecs: dict[str, Codec], shape, qu
                 assert diff.max() <= 1 and diff.mean() < 0.05, (enc, dec, diff.max(), diff.mean())
 
 
-class _Perturbed:
-    """Stages whose parameter network is slightly off: what a non-bit-exact backend looks like."""
+class _Perturbed(SelectingNetworks):
+    """Stages whose parameter network is slightly off: what a non-bit-exact backend looks like (the
+    anchors' parameters and the spatial context go through ``params`` and ``spatial`` too)."""
 
     def __init__(self, stages: Stages, factor: float) -> None:
         self.stages, self.factor = stages, factor
