@@ -11,9 +11,12 @@ Run from the repository root with the venv active, e.g.::
 Every (codec, size) pair runs in its own subprocess, so its peak resident memory
 (``getrusage(RUSAGE_CHILDREN).ru_maxrss``) is its own. Each subprocess warms up once, then times
 ``--runs`` encodes and decodes of one photo (a Kodak image, cropped or resized to the size) and
-reports the median and p90 of every stage. The parent reads ``/proc/stat`` around each
-subprocess and reports how much CPU *other* processes used meanwhile ("other load"): numbers
-taken while that is above ~5 % of the machine are not trustworthy on a 2-core host.
+reports the median and p90 of every stage. With ``--rounds N`` the whole list of subprocesses runs
+N times over and each (codec, size) reports the median of its runs from all rounds: codecs timed
+in one minute of a VM whose speed drifts between phases otherwise compare one phase with another.
+The parent reads ``/proc/stat`` around each subprocess and reports how much CPU *other* processes
+used meanwhile ("other load"): numbers taken while that is above ~5 % of the machine are not
+trustworthy on a 2-core host.
 
 A LALIC backend may carry modifiers after ``+``: ``v1`` writes (and decodes) container version 1,
 the float32 entropy path of releases before 2026-12-06 (the default is version 2, the reproducible
@@ -370,6 +373,25 @@ def run_child(spec: dict, pauser: Pauser, timeout: float) -> dict:
     return result
 
 
+def pool_rounds(rounds: list[dict]) -> dict:
+    """One result from the runs of one codec and size in several rounds (``--rounds``): every
+    stage's times together, the largest peak RSS, the mean other load; the first error if any."""
+    failed = [r for r in rounds if "error" in r]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    pooled = dict(rounds[0])
+    for direction in ("encode", "decode"):
+        pooled[direction] = {
+            stage: [t for r in rounds for t in r[direction][stage]] for stage in rounds[0][direction]
+        }
+    pooled["runs"] = sum(r["runs"] for r in rounds)
+    pooled["rounds"] = len(rounds)
+    pooled["maxrss_mb"] = max(r["maxrss_mb"] for r in rounds)
+    pooled["other_load"] = round(statistics.mean(r["other_load"] for r in rounds), 3)
+    pooled["wall_seconds"] = round(sum(r.get("wall_seconds", 0.0) for r in rounds), 1)
+    return pooled
+
+
 def stats(times: list[float]) -> tuple[float, float]:
     ms = sorted(1e3 * t for t in times)
     p90 = ms[min(len(ms) - 1, int(np.ceil(0.9 * len(ms))) - 1)]
@@ -434,11 +456,19 @@ def _report_settings(args: argparse.Namespace, meta: dict) -> list[str]:
         f"{args.threads} torch threads "
         "(the entropy-parameter path runs on its own pinned thread count, model.codec.ENTROPY_THREADS)",
         f"- Runs: {args.runs} timed runs after one warm-up (sizes above 2 MP: {args.large_runs}; "
-        f"cheng2020-anchor: {args.slow_runs}); images above 4.2 MP are coded as 2048-pixel tiles; "
-        "median and p90 in ms; 'other load' = CPU used by other processes during the run, "
+        f"cheng2020-anchor: {args.slow_runs}){rounds_note(args)}; images above 4.2 MP are coded as "
+        "2048-pixel tiles; median and p90 in ms; 'other load' = CPU used by other processes during the run, "
         "as a fraction of the machine",
         "",
     ]
+
+
+def rounds_note(args: argparse.Namespace) -> str:
+    """How the runs were spread (``--rounds``), for the report's header."""
+    rounds = getattr(args, "rounds", 1)
+    if rounds <= 1:
+        return ""
+    return f", in each of {rounds} rounds of every codec and size in turn, pooled"
 
 
 STAGE_COLUMNS = ("analysis", "hyper", "entropy_parameters", "entropy_coding", "synthesis")
@@ -658,6 +688,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per codec and size (default 5)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every codec and size this many times, round by round, and pool their runs: on a VM "
+        "whose speed drifts, each codec then sees every phase (default 1)",
+    )
     parser.add_argument("--large-runs", type=int, default=2, help="timed runs above 2 megapixels (default 2)")
     parser.add_argument("--quality", type=float, default=3.0, help="LALIC quality (default 3)")
     parser.add_argument(
@@ -729,11 +766,12 @@ def main(argv: list[str] | None = None) -> int:
                     "config": args.config,
                 }
             )
-    results = []
-    for spec in tqdm(jobs, desc="codec x size", unit="run"):
+    rounds: list[list[dict]] = [[] for _ in jobs]  # per job, its result in every round
+    schedule = [(spec, mine) for _ in range(args.rounds) for spec, mine in zip(jobs, rounds, strict=True)]
+    for spec, job_rounds in tqdm(schedule, desc="codec x size", unit="run"):
         r = run_child(spec, pauser, args.timeout)
         r.update(codec=spec["codec"], size=f"{spec['size'][0]}x{spec['size'][1]}", runs=spec["runs"])
-        results.append(r)
+        job_rounds.append(r)
         if "error" in r:
             summary = str(r["error"])
         else:
@@ -743,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"other load {100 * r['other_load']:.0f} %"
             )
         tqdm.write(f"{r['codec']:>22} {r['size']:>10}: {summary}")
+    results = [pool_rounds(job_rounds) for job_rounds in rounds]
     meta = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),

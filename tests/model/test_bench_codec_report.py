@@ -45,3 +45,30 @@ def test_report_tables(tmp_path: Path) -> None:
     assert "| webp | 768x512 | 60 | 10 | 12,345 | 0.20 | 0.05 | 400 | 1 % |" in report
     assert "| lalic:torch | 763 | 509 | 1.00 | 1.00 |" in report  # ms/MP at 1536x1024 (1.57 MP), exponents
     assert "Quietness: 3 of 3 runs had other load <= 5 %" in report
+
+
+def test_rounds_pool_every_runs_times() -> None:
+    """--rounds: one codec and size timed in several rounds reports all their runs together (so
+    its median spans every phase the machine went through), the largest peak RSS and the mean
+    other load; an error in any round is reported instead."""
+    bench = load_bench_script("codec")
+    first, second = (
+        result("lalic:torch", "768x512", 0.300, 0.200),
+        result("lalic:torch", "768x512", 0.330, 0.100),
+    )
+    first["runs"], second["runs"], second["maxrss_mb"], second["other_load"] = 3, 3, 450.0, 0.03
+    pooled = bench.pool_rounds([first, second])
+    assert pooled["decode"]["total"] == [0.2] * 3 + [0.1] * 3
+    assert pooled["encode"]["analysis"] == [0.15] * 3 + [0.165] * 3
+    assert (pooled["runs"], pooled["rounds"], pooled["maxrss_mb"], pooled["other_load"]) == (
+        6,
+        2,
+        450.0,
+        0.02,
+    )
+    assert bench.stats(pooled["decode"]["total"])[0] == 150.0
+    assert bench.pool_rounds([first]) is first
+    failed = {"codec": "lalic:torch", "size": "768x512", "error": "timed out"}
+    assert bench.pool_rounds([first, failed]) is failed
+    assert "in each of 2 rounds" in bench.rounds_note(argparse.Namespace(rounds=2))
+    assert bench.rounds_note(argparse.Namespace()) == ""
