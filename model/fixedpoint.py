@@ -572,14 +572,11 @@ class ExactConv2d:
             x.data_ptr(), channels_last, b, c, h, w, self._taps.data_ptr(), n_taps, self.padding,
             self.stride, ho, wo, MANTISSA_BITS, rows.data_ptr(), shifts.data_ptr(),
         )  # fmt: skip
+        n = ho * wo if positions is None else positions.numel()
         if positions is not None:
-            rows = rows.view(b, ho * wo, -1).index_select(1, positions).view(b * positions.numel(), -1)
-            acc = native_product(
-                self.product, rows, shifts.repeat_interleave(positions.numel()), self.scale, self.bias
-            )
-            return acc.view(b, positions.numel(), -1)
-        acc = native_product(self.product, rows, shifts.repeat_interleave(ho * wo), self.scale, self.bias)
-        return acc.view(b, ho, wo, -1)
+            rows = rows.view(b, ho * wo, -1).index_select(1, positions).view(b * n, -1)
+        acc = native_product(self.product, rows, shifts.repeat_interleave(n), self.scale, self.bias)
+        return acc.view(b, ho, wo, -1) if positions is None else acc.view(b, n, -1)
 
     def at(self, x: Tensor, positions: Tensor) -> Tensor:
         """The convolution of ``x`` (B, C, H, W) at the raster ``positions`` (n,) of its output only:

@@ -49,6 +49,12 @@ def available() -> bool:
     return _native is not None
 
 
+def _require_built() -> None:
+    """Raise if the extension was not built: the operators are registered, but cannot run."""
+    if _native is None:
+        raise RuntimeError("model._transform_kernels was not built (pip install . compiles it)")
+
+
 def usable(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether the kernels serve tensors of ``dtype`` on ``device`` (CPU, a supported dtype, built)."""
     return available() and torch.device(device).type == "cpu" and dtype in SUPPORTED_DTYPES
@@ -57,8 +63,7 @@ def usable(device: torch.device | str, dtype: torch.dtype) -> bool:
 @torch.library.custom_op("lalic::biwkv_gated", mutates_args=(), device_types="cpu")
 def biwkv_gated(kvr: Tensor, decay: Tensor, boost: Tensor) -> Tensor:
     """``sigmoid(r) * BiWKV(k, v)`` for channels-last ``[k | v | r]`` (B, T, 3C) (module docstring)."""
-    if _native is None:
-        raise RuntimeError("model._transform_kernels was not built (pip install . compiles it)")
+    _require_built()
     if kvr.dtype not in SUPPORTED_DTYPES or kvr.dim() != 3 or kvr.shape[-1] % 3:
         raise ValueError(f"biwkv_gated: (B, T, 3C) float32 or bfloat16, got {kvr.dtype} {tuple(kvr.shape)}")
     b, t, c3 = kvr.shape
@@ -100,8 +105,7 @@ def subpixel_conv(x: Tensor, packed_weight: Tensor, bias: Tensor, bf16_products:
     or bfloat16 (channels-last is read without a copy), ``packed_weight`` from
     :func:`pack_subpixel_weight` (``N = 4 cout`` outputs, at most 16), ``bias`` (N,); a
     channels-last float32 (B, cout, 2H, 2W) (the module docstring)."""
-    if _native is None:
-        raise RuntimeError("model._transform_kernels was not built (pip install . compiles it)")
+    _require_built()
     size, size2, c, n = packed_weight.shape
     if x.dtype not in SUPPORTED_DTYPES or x.dim() != 4 or x.shape[1] != c:
         raise ValueError(f"subpixel_conv: (B, {c}, H, W) float32 or bfloat16, got {x.dtype} {tuple(x.shape)}")
@@ -147,8 +151,7 @@ def _float_vector(v: Tensor, n: int, what: str) -> Tensor:
 
 def _token_rows(x: Tensor, what: str) -> Tensor:
     """``x`` contiguous, if the kernels are built and take its dtype."""
-    if _native is None:
-        raise RuntimeError("model._transform_kernels was not built (pip install . compiles it)")
+    _require_built()
     if x.dtype not in SUPPORTED_DTYPES or x.dim() < 1:
         raise ValueError(f"{what}: a float32 or bfloat16 token map, got {x.dtype} {tuple(x.shape)}")
     return x.contiguous()
